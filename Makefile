@@ -1,0 +1,39 @@
+# Two commands do all the set-up: `make dev` and `make test` (README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-unit test-integration test-e2e lint migrate dev bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# pytest exits 5 when it collects nothing; make treats that as a failure too.
+test: install
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: install
+	$(BIN)/python -m pytest -q tests/integration
+
+test-e2e: install
+	$(BIN)/python -m pytest -q tests/e2e
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy gateway_core
+	$(BIN)/lint-imports
+
+migrate: install
+	$(BIN)/neuronetz-gateway migrate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

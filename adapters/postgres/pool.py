@@ -1,0 +1,30 @@
+"""The psycopg connection pool, and the one place psycopg errors become DependencyUnavailable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gateway_core.errors import DependencyUnavailable
+
+
+def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
+              timeout_s: float = 5.0) -> AsyncConnectionPool:
+    """A closed pool; open it with `await pool.open(wait=True)`."""
+    return AsyncConnectionPool(
+        database_url, min_size=min_size, max_size=max_size, timeout=timeout_s, open=False,
+        kwargs={"autocommit": True}, check=AsyncConnectionPool.check_connection,
+    )
+
+
+@asynccontextmanager
+async def connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection]:
+    """A pooled connection; connection-level failures surface as DependencyUnavailable."""
+    try:
+        async with pool.connection() as conn:
+            yield conn
+    except (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise DependencyUnavailable() from exc

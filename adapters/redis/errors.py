@@ -1,0 +1,20 @@
+"""The one place redis-py failures become DependencyUnavailable (fail-closed, SPEC §8.5)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.exceptions import RedisError
+
+from gateway_core.errors import DependencyUnavailable
+
+
+@asynccontextmanager
+async def redis_guard() -> AsyncIterator[None]:
+    try:
+        yield
+    except RedisError as exc:
+        raise DependencyUnavailable() from exc
+    except OSError as exc:
+        raise DependencyUnavailable() from exc

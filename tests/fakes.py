@@ -1,0 +1,122 @@
+"""In-memory fakes of every port, for fast unit tests of gateway_core (STYLE §5)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from datetime import UTC, date, datetime
+
+import attrs
+
+from gateway_core.budget import Budget, Period
+from gateway_core.errors import AdminError
+from gateway_core.limits import Limits
+from gateway_core.models import AdminEvent, KeyRecord, KeyStatus, Tenant, Usage
+
+
+class FrozenClock:
+    def __init__(self, now: float = 1_790_000_000.0) -> None:
+        self.t = now
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class InstantHasher:
+    """Shaped like argon2id output but cheap; never use outside tests."""
+
+    async def hash(self, secret: str) -> str:
+        return "$argon2id$fake$" + hashlib.sha256(secret.encode()).hexdigest()
+
+    async def verify(self, secret: str, hashed: str) -> bool:
+        return hashed == await self.hash(secret)
+
+
+class InMemoryDiscovery:
+    def __init__(self, names: list[str] | None = None) -> None:
+        self.names = names
+
+    async def discovered(self) -> list[str] | None:
+        return None if self.names is None else list(self.names)
+
+
+class InMemoryTenantStore:
+    def __init__(self) -> None:
+        self.tenants: dict[int, Tenant] = {}
+        self.keys: dict[int, KeyRecord] = {}
+        self.budgets: dict[int, Budget] = {}
+        self.usage_rows: dict[tuple[int, Period, date], Usage] = defaultdict(Usage)
+        self.events: list[AdminEvent] = []
+        self.revocations: list[tuple[str, str]] = []
+
+    def _tenant(self, tenant_id: int) -> Tenant:
+        return self.tenants[tenant_id]
+
+    async def create_tenant(self, tenant: Tenant, event: AdminEvent) -> Tenant:
+        if any(t.name == tenant.name for t in self.tenants.values()):
+            raise AdminError(f"tenant {tenant.name!r} already exists")
+        stored = attrs.evolve(tenant, id=len(self.tenants) + 1, created_at=datetime.now(UTC))
+        self.tenants[stored.id] = stored
+        self.events.append(event)
+        return stored
+
+    async def tenant_by_name(self, name: str) -> Tenant | None:
+        return next((t for t in self.tenants.values() if t.name == name), None)
+
+    async def create_key(self, key: KeyRecord, event: AdminEvent) -> KeyRecord:
+        stored = attrs.evolve(key, id=len(self.keys) + 1, created_at=datetime.now(UTC))
+        self.keys[stored.id] = stored
+        self.events.append(event)
+        return stored
+
+    async def key_by_prefix(self, prefix: str) -> KeyRecord | None:
+        return next((k for k in self.keys.values() if k.prefix == prefix), None)
+
+    async def keys_of(self, tenant_id: int) -> list[KeyRecord]:
+        return [k for k in self.keys.values() if k.tenant_id == tenant_id]
+
+    async def revoke_key(self, prefix: str, source: str, event: AdminEvent) -> None:
+        key = await self.key_by_prefix(prefix)
+        assert key is not None
+        self.keys[key.id] = attrs.evolve(key, status=KeyStatus.REVOKED, revoked_at=datetime.now(UTC))
+        self.revocations.append((prefix, source))
+        self.events.append(event)
+
+    async def set_tenant_limits(self, tenant_id: int, limits: Limits, event: AdminEvent) -> None:
+        self.tenants[tenant_id] = attrs.evolve(self._tenant(tenant_id), limits=limits)
+        self.events.append(event)
+
+    async def set_key_limits(self, key_id: int, limits: Limits, event: AdminEvent) -> None:
+        self.keys[key_id] = attrs.evolve(self.keys[key_id], limits=limits)
+        self.events.append(event)
+
+    async def budget_of(self, key_id: int) -> Budget:
+        return self.budgets.get(key_id, Budget())
+
+    async def set_budget(self, key_id: int, budget: Budget, event: AdminEvent) -> None:
+        self.budgets[key_id] = budget
+        self.events.append(event)
+
+    async def set_models(self, tenant_id: int, allowed: tuple[str, ...], allow_all: bool,
+                         event: AdminEvent) -> None:
+        self.tenants[tenant_id] = attrs.evolve(self._tenant(tenant_id), allowed_models=allowed,
+                                               allow_all_models=allow_all)
+        self.events.append(event)
+
+    async def set_prompt_log(self, key_id: int, enabled: bool, retention_days: int | None,
+                             event: AdminEvent) -> None:
+        self.keys[key_id] = attrs.evolve(self.keys[key_id], prompt_log_enabled=enabled,
+                                         prompt_log_retention_days=retention_days)
+        self.events.append(event)
+
+    async def usage(self, tenant_id: int, period: Period, start: date, key_id: int | None) -> Usage:
+        total = Usage()
+        for (kid, p, s), u in self.usage_rows.items():
+            key = self.keys[kid]
+            if p is period and s == start and key.tenant_id == tenant_id and key_id in (None, kid):
+                total = Usage(total.requests + u.requests, total.tokens_in + u.tokens_in,
+                              total.tokens_out + u.tokens_out)
+        return total
