@@ -2,31 +2,63 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
+from aiohttp import web
 from psycopg_pool import PoolTimeout
 from redis.asyncio import Redis
 
 from adapters.argon2_hasher import Argon2Hasher
+from adapters.circuit import CircuitGate
+from adapters.discovery import Discovery
+from adapters.http.app import SERVICES, Services, make_web_app
+from adapters.key_cache import TieredKeyCache
+from adapters.observer import RequestObserver, monotonic_age
+from adapters.ollama import OllamaBackend
+from adapters.postgres.audit import AuditWriter, PromptLogWriter, sweep_prompt_log
+from adapters.postgres.ledger import PostgresLedger
+from adapters.postgres.listener import ChangeListener
 from adapters.postgres.pool import make_pool
+from adapters.postgres.principals import PostgresPrincipalSource
 from adapters.postgres.tenants import PostgresTenantStore
+from adapters.prometheus import GatewayMetrics
+from adapters.redis.admission import RedisAdmission
+from adapters.redis.auth_failures import RedisAuthFailures
 from adapters.redis.discovery import RedisDiscoveryCache
 from adapters.system_clock import SystemClock
 from entrypoints.settings import Settings
 from gateway_core.admin import Admin
+from gateway_core.admission import LEASE_RENEW_EVERY_S
 from gateway_core.errors import DependencyUnavailable
+from gateway_core.gateway import Authenticator, AuthPorts, ModelPolicy
+from gateway_core.metering import Metering
+
+_log = logging.getLogger("neuronetz.app")
+METRICS = web.AppKey("metrics", GatewayMetrics)
+REFRESH_GAUGES = web.AppKey("refresh_gauges", Callable[[], None])
+_READY_TIMEOUT_S = 1.0
 
 
 def make_hasher(settings: Settings) -> Argon2Hasher:
     return Argon2Hasher(settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism)
 
 
+def make_redis(settings: Settings) -> Redis:
+    # Short timeouts: a dead Redis must turn into a quick 503, not a hung request (SPEC §8.5).
+    return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
+                          retry_on_timeout=False, health_check_interval=5)
+
+
 @asynccontextmanager
 async def open_admin(settings: Settings, actor: str) -> AsyncIterator[Admin]:
     """The operator use cases over real Postgres and Redis, for one CLI command."""
     pool = make_pool(settings.database_url, min_size=1, max_size=2)
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+    redis = make_redis(settings)
     hasher = make_hasher(settings)
     try:
         try:
@@ -35,6 +67,96 @@ async def open_admin(settings: Settings, actor: str) -> AsyncIterator[Admin]:
             raise DependencyUnavailable("cannot reach PostgreSQL at DATABASE_URL") from exc
         yield Admin(PostgresTenantStore(pool), hasher, RedisDiscoveryCache(redis), SystemClock(), actor)
     finally:
+        hasher.close()
+        await redis.aclose()
+        await pool.close()
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = make_web_app(settings.max_request_bytes)
+    app[METRICS] = GatewayMetrics()
+    app.cleanup_ctx.append(partial(_wire, settings=settings))
+    return app
+
+
+async def _every(interval_s: float, job: Callable[[], Awaitable[object]], name: str) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await job()
+        except Exception as exc:  # a background job must outlive any single failure
+            _log.warning("%s failed: %s", name, type(exc).__name__)
+
+
+async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[None]:
+    clock = SystemClock()
+    metrics = app[METRICS]
+    pool = make_pool(settings.database_url, min_size=2, max_size=10, timeout_s=2.0)
+    await pool.open(wait=False)
+    redis = make_redis(settings)
+    backend = OllamaBackend(settings.ollama_base_url, timeout_s=settings.upstream_timeout_s)
+    await backend.start()
+    hasher = make_hasher(settings)
+    cache = TieredKeyCache(redis, settings.key_cache_ttl_s)
+    listener = ChangeListener(settings.database_url, cache)
+    discovery = Discovery(backend, RedisDiscoveryCache(redis), refresh_s=settings.model_discovery_refresh_s,
+                          ttl_s=settings.model_discovery_cache_ttl_s)
+    ledger = PostgresLedger(pool, settings.audit_spool_dir)
+    audit = AuditWriter(pool, settings.audit_spool_dir)
+    prompts = PromptLogWriter(pool, settings.audit_spool_dir)
+    for writer in (ledger, audit, prompts):
+        await writer.start()
+    metering = Metering(RedisAdmission(redis), ledger, clock, settings.budget_default_completion_reserve)
+    auth = Authenticator(AuthPorts(cache=cache, source=PostgresPrincipalSource(pool), hasher=hasher,
+                                   failures=RedisAuthFailures(redis, settings.auth_failures_per_minute),
+                                   feed=listener, clock=clock))
+    breaker = CircuitGate(settings.circuit_failure_threshold, settings.circuit_reset_s, clock)
+
+    async def readiness() -> dict[str, str]:
+        async def pg() -> None:
+            async with pool.connection(timeout=_READY_TIMEOUT_S) as conn:
+                await conn.execute("SELECT 1")
+
+        checks = {"postgres": pg(), "redis": redis.ping(), "ollama": backend.version(_READY_TIMEOUT_S)}
+        results = await asyncio.gather(*(asyncio.wait_for(c, _READY_TIMEOUT_S * 1.5)
+                                         for c in checks.values()), return_exceptions=True)
+        states = {name: "down" if isinstance(result, BaseException) else "ok"
+                  for name, result in zip(checks, results, strict=True)}
+        states["change_feed"] = "ok" if listener.trusted() else "down"
+        return states
+
+    app[SERVICES] = Services(
+        auth=auth, policy=ModelPolicy(discovery, clock), metering=metering, backend=backend,
+        observer=RequestObserver(audit, prompts, metrics, settings.prompt_log_default_retention_days),
+        readiness=readiness, breaker=breaker, max_request_bytes=settings.max_request_bytes)
+
+    def refresh_gauges() -> None:
+        metrics.circuit_open.set({}, float(breaker.state()))
+        metrics.discovery_age.set({}, monotonic_age(discovery.last_success))
+        catalog = discovery.current(clock.now())
+        metrics.discovered_models.set({}, float(len(catalog.names) if catalog else 0))
+
+    app[REFRESH_GAUGES] = refresh_gauges
+    await listener.start()
+    await discovery.start()
+    tasks = [
+        asyncio.create_task(_every(LEASE_RENEW_EVERY_S, metering.renew_leases, "lease renewal")),
+        asyncio.create_task(_every(settings.prompt_log_sweep_interval_s, partial(sweep_prompt_log, pool),
+                                   "prompt-log sweep")),
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await discovery.stop()
+        await listener.stop()
+        for writer in (ledger, audit, prompts):
+            await writer.stop()
+        await backend.close()
         hasher.close()
         await redis.aclose()
         await pool.close()

@@ -29,11 +29,14 @@ class GatewayError(Exception):
         retry_after_s: float | None = None,
         should_retry: bool | None = None,
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.message = message or self.default_message
         self.retry_after_s = retry_after_s
         self.should_retry = should_retry
         self.param = param
+        # Extra response headers the caller should see with this error (rate-limit state, §3.4).
+        self.headers = headers or {}
         super().__init__(self.message)
 
 
@@ -99,3 +102,10 @@ class DependencyUnavailable(GatewayError):
 
 class AdminError(Exception):
     """Operator input that the CLI refuses; the message is one line meant for the operator."""
+
+
+class ModelNotFound(NotFound):
+    """`GET /v1/models/{id}` for a model outside the caller's effective set, shaped as OpenAI's 404."""
+
+    code = "model_not_found"
+    default_message = "The model does not exist or you do not have access to it."

@@ -126,3 +126,12 @@ class AdminEvent:
     action: str
     target: str
     details: dict[str, Any] = field(factory=dict)
+
+
+@frozen
+class Catalog:
+    """One discovery result: names as Ollama lists them, and their `/api/tags` entries."""
+
+    version: int
+    names: tuple[str, ...]
+    entries: tuple[dict[str, Any], ...] = ()

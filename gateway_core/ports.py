@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Protocol
+from typing import Literal, Protocol
 
+from attrs import frozen
+
+from gateway_core.admission import Admission, Settlement, Ticket
 from gateway_core.budget import Budget, Period
 from gateway_core.limits import Limits
-from gateway_core.models import AdminEvent, KeyRecord, Principal, Scope, Tenant, Usage
+from gateway_core.models import AdminEvent, Catalog, KeyRecord, Principal, Scope, Tenant, Usage
 
 
 class Clock(Protocol):
@@ -89,6 +92,96 @@ class DiscoveredModels(Protocol):
 
     async def discovered(self) -> list[str] | None:
         """Discovered model names, or None when the cache is empty or expired."""
+        ...
+
+
+NEGATIVE: Literal["negative"] = "negative"
+
+
+class KeyCache(Protocol):
+    """Verified keys by digest of the full key (SPEC §3.1), shared by replicas, evicted on change."""
+
+    def mark(self) -> int:
+        """A position in the eviction history; take it before loading a key from the store."""
+        ...
+
+    async def get(self, digest: str) -> Principal | Literal["negative"] | None:
+        """The cached principal, NEGATIVE for a recently failed key, or None when unknown."""
+        ...
+
+    async def put(self, digest: str, principal: Principal, mark: int) -> None:
+        """Cache *principal* unless its key or tenant was evicted after *mark* (a stale load)."""
+        ...
+
+    async def put_negative(self, digest: str) -> None:
+        """Remember briefly that this key failed, so repeating it costs no hash."""
+        ...
+
+
+class AuthFailures(Protocol):
+    """Failed authentication attempts per client IP (SPEC §3.1), shared by replicas."""
+
+    async def blocked_for(self, client_ip: str, now: float) -> float | None:
+        """Seconds to wait when the IP is over its limit, else None."""
+        ...
+
+    async def record(self, client_ip: str, now: float) -> None: ...
+
+
+class ChangeFeed(Protocol):
+    """The revocation/config-change listener; while it is down no cached key can be trusted."""
+
+    def trusted(self) -> bool: ...
+
+
+class ModelCatalog(Protocol):
+    """The in-process copy of the discovery cache (SPEC §4.6)."""
+
+    def current(self, now: float) -> Catalog | None:
+        """The live discovered set, or None when empty or expired (then nothing resolves)."""
+        ...
+
+
+class AdmissionStore(Protocol):
+    """Decides concurrency, rpm, tpm and budget for one request atomically (SPEC §4.1, §4.4)."""
+
+    async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None) -> Admission:
+        """Reserve all of *ticket* or nothing; a denial is a result, not an exception. A budget
+        counter that does not exist and has no seed yields `missing_periods` and consumes nothing."""
+        ...
+
+    async def settle(self, settlement: Settlement) -> None:
+        """Release the lease and correct windows and budget counters to the real usage."""
+        ...
+
+    async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
+        """Give back the lease and the reservation of a request that produced nothing."""
+        ...
+
+    async def renew(self, tickets: list[Ticket], now: float) -> None:
+        """Extend the leases of requests still in flight."""
+        ...
+
+
+@frozen
+class LedgerEntry:
+    """One settled request, to be added to the ledger for every period (SPEC §6.3)."""
+
+    key_id: int
+    at: float
+    tokens_in: int
+    tokens_out: int
+
+
+class UsageLedger(Protocol):
+    """The budget ledger in PostgreSQL: batched, retried, never dropped (SPEC §6.3)."""
+
+    def record(self, entry: LedgerEntry) -> None:
+        """Queue *entry*; never blocks the request and never drops it."""
+        ...
+
+    async def used(self, key_id: int, starts: dict[Period, date]) -> dict[Period, int]:
+        """Tokens charged per period instance, including entries not yet flushed."""
         ...
 
 

@@ -77,17 +77,6 @@ _TEXT_CT: Final = "text/plain; charset=utf-8"
 _MODEL_API_PATHS: Final = frozenset(
     {"/api/tags", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"}
 )
-_INFERENCE_PATHS: Final = frozenset(
-    {
-        "/api/chat",
-        "/api/generate",
-        "/api/embed",
-        "/api/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-    }
-)
 _INT_OPTIONS: Final = frozenset(
     {
         "num_keep",
@@ -220,6 +209,7 @@ def _name_parts(name: str) -> tuple[str, str, str, str]:
     return host, namespace, model, tag or "latest"
 
 
+@lru_cache(maxsize=1024)
 def normalize_model_name(name: str) -> str:
     """Canonical, case-insensitive form used for matching (``llama3`` == ``library/LLAMA3:latest``)."""
     host, namespace, model, tag = _name_parts(name)
@@ -298,6 +288,7 @@ _GO_PRIVATE_NETS: Final = (
 )
 
 
+@lru_cache(maxsize=256)
 def host_allowed(host_header: str, machine_hostname: str | None = None) -> bool:
     """Ollama's Host-header rule for a loopback-bound server (reference §1.1).
 
@@ -540,6 +531,7 @@ class FakeOllama:
         completion_tokens: int = 12,
         host_check: bool | None = None,
         max_log_entries: int = 100_000,
+        coalesce: bool = False,
     ) -> None:
         self._initial = (
             list(DEFAULT_MODELS if models is None else models),
@@ -553,6 +545,9 @@ class FakeOllama:
         self.completion_tokens: int = self._initial[3]
         self.host_check: bool | None = host_check  # None: on when bound to a loopback address (like Ollama)
         self.max_log_entries: int = max_log_entries
+        # With token_delay_s == 0, write a whole stream in one write() instead of one per token
+        # (same bytes, fewer syscalls; Ollama itself flushes per token).
+        self.coalesce: bool = coalesce
         self.requests: list[dict[str, Any]] = []
         self.url: str = ""
         self._fail_mode: str | None = None
@@ -672,7 +667,13 @@ class FakeOllama:
 
     async def _serve(self, sock: socket.socket, generation: int) -> None:
         assert self._web_server is not None
-        server = await asyncio.get_running_loop().create_server(self._web_server, sock=sock, backlog=1024)
+        try:
+            server = await asyncio.get_running_loop().create_server(self._web_server, sock=sock, backlog=1024)
+        except OSError:
+            if generation == self._listen_generation:
+                raise
+            sock.close()  # superseded by a newer listener (e.g. "refuse" toggled quickly): nothing to do
+            return
         if generation != self._listen_generation:  # closed again while we were starting
             server.close()
             return
@@ -819,9 +820,11 @@ class FakeOllama:
             resp = await self._serve_request(ctx)
         except asyncio.CancelledError:
             entry["cancelled"] = True
+            entry["status"] = ctx.resp.status if ctx.resp is not None and ctx.resp.prepared else None
             raise
         except ConnectionError:  # the client went away while we were writing
             entry["cancelled"] = True
+            entry["status"] = ctx.resp.status if ctx.resp is not None and ctx.resp.prepared else None
             return ctx.resp if ctx.resp is not None else web.Response()
         finally:
             if task is not None:
@@ -1023,18 +1026,8 @@ class FakeOllama:
                 )
         options = req.get("options") or {}
         installed = self._check_generation_model(model, "chat", options, req.get("tools"), req.get("think"))
-        if not messages:
-            await self._startup_latency(installed)
-            reason = "unload" if _is_unload(req.get("keep_alive")) else "load"
-            return _json_response(
-                {
-                    "model": model,
-                    "created_at": _rfc3339_utc(),
-                    "message": {"role": "assistant", "content": ""},
-                    "done": True,
-                    "done_reason": reason,
-                }
-            )
+        if not messages:  # just load (or unload) the model, no generation
+            return await self._load_reply(installed, model, req.get("keep_alive"), chat=True)
         n, reason = self._plan(options.get("num_predict"))
         stream = req.get("stream")
         return await self._native_generation(
@@ -1063,17 +1056,7 @@ class FakeOllama:
             raise _ApiError(400, f"{_quote(model)} does not support insert")
         prompt = req.get("prompt") or ""
         if not prompt:
-            await self._startup_latency(installed)
-            reason = "unload" if _is_unload(req.get("keep_alive")) else "load"
-            return _json_response(
-                {
-                    "model": model,
-                    "created_at": _rfc3339_utc(),
-                    "response": "",
-                    "done": True,
-                    "done_reason": reason,
-                }
-            )
+            return await self._load_reply(installed, model, req.get("keep_alive"), chat=False)
         n, reason = self._plan(options.get("num_predict"))
         stream = req.get("stream")
         return await self._native_generation(
@@ -1087,6 +1070,21 @@ class FakeOllama:
             stream=True if stream is None else stream,
             context=not raw_mode,
         )
+
+    async def _load_reply(self, installed: str, model: str, keep_alive: Any, *, chat: bool) -> web.Response:
+        await self._startup_latency(installed)
+        reason = "load"
+        if _is_unload(keep_alive):
+            reason = "unload"
+            self._loaded.pop(installed, None)
+        body: dict[str, Any] = {"model": model, "created_at": _rfc3339_utc()}
+        if chat:
+            body["message"] = {"role": "assistant", "content": ""}
+        else:
+            body["response"] = ""
+        body["done"] = True
+        body["done_reason"] = reason
+        return _json_response(body)
 
     async def _native_generation(
         self,
@@ -1134,6 +1132,15 @@ class FakeOllama:
         delay = self.token_delay_s
         stamp = _rfc3339_utc().encode()
         emit = _midstream_count(n) if midstream else n
+
+        def last_line() -> bytes:
+            return _dumps({"error": RUNNER_ERROR} if midstream else final("")) + b"\n"
+
+        if delay <= 0 and self.coalesce:
+            prefix = head + stamp + mid
+            await resp.write(b"".join([*(prefix + _token_bytes(i) + tail for i in range(emit)), last_line()]))
+            ctx.entry["tokens_emitted"] = emit
+            return resp
         for i in range(emit):
             if delay > 0:
                 if i:
@@ -1143,10 +1150,7 @@ class FakeOllama:
             ctx.entry["tokens_emitted"] = i + 1
         if delay > 0 and emit:
             await asyncio.sleep(delay)
-        if midstream:
-            await resp.write(_dumps({"error": RUNNER_ERROR}) + b"\n")
-        else:
-            await resp.write(_dumps(final("")) + b"\n")
+        await resp.write(last_line())
         return resp
 
     def _embed_inputs(self, value: Any) -> list[str]:
@@ -1390,17 +1394,22 @@ class FakeOllama:
 
         delay = self.token_delay_s
         emit = _midstream_count(n) if midstream else n
-        for i in range(emit):
-            if i and delay > 0:
+        if delay <= 0 and self.coalesce:
+            body = b"".join(frame(i) for i in range(emit))
+            ctx.entry["tokens_emitted"] = emit
+        else:
+            body = b""
+            for i in range(emit):
+                if i and delay > 0:
+                    await asyncio.sleep(delay)
+                await resp.write(frame(i))
+                ctx.entry["tokens_emitted"] = i + 1
+            if delay > 0 and emit:
                 await asyncio.sleep(delay)
-            await resp.write(frame(i))
-            ctx.entry["tokens_emitted"] = i + 1
-        if delay > 0 and emit:
-            await asyncio.sleep(delay)
         if midstream:
-            await resp.write(error_frame(emit == 0))
+            await resp.write(body + error_frame(emit == 0))
             return resp  # EOF without finish_reason, usage or [DONE]
-        tail = finish
+        tail = body + finish
         if include_usage:
             usage_chunk: dict[str, Any] = {
                 "id": ident,
@@ -1515,7 +1524,7 @@ class FakeOllama:
             raise _ApiError(400, "invalid model name")
         digest, size, _, _, _ = _static_model_info(_display_name(model))
         self._add_model(model)
-        lines = [
+        lines: list[dict[str, Any]] = [
             {"status": "pulling manifest"},
             {
                 "status": f"pulling {digest[:12]}",
@@ -1692,6 +1701,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--completion-tokens", type=int, default=12, help="output tokens per completion")
     parser.add_argument("--fast", action="store_true", help="zero delays (for benchmarks)")
     parser.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="with zero token delay, send each stream in one write (same bytes, fewer syscalls)",
+    )
+    parser.add_argument(
         "--host-check",
         choices=("auto", "on", "off"),
         default="auto",
@@ -1710,6 +1724,7 @@ async def _run(args: argparse.Namespace) -> None:
         completion_tokens=args.completion_tokens,
         host_check={"auto": None, "on": True, "off": False}[args.host_check],
         max_log_entries=args.max_log,
+        coalesce=bool(args.coalesce),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

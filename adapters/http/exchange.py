@@ -1,0 +1,50 @@
+"""Per-request state that every response, log event, audit row and metric is made from."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Protocol
+
+from aiohttp import web
+from attrs import define, field
+
+from gateway_core.models import Principal
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_for(request: web.Request) -> str:
+    """The caller's X-Request-Id when well-formed (so it can correlate), else a fresh one."""
+    given = request.headers.get("X-Request-Id")
+    if given and _REQUEST_ID_RE.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+@define
+class Exchange:
+    request_id: str
+    route: str
+    client_ip: str
+    started: float = field(factory=time.perf_counter)
+    principal: Principal | None = None
+    model: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    status: int = 0
+    headers: dict[str, str] = field(factory=dict)
+    prompt_text: str | None = None
+    response_text: str | None = None
+    audited: bool = True
+
+    @property
+    def latency_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+class Observer(Protocol):
+    """Audit row, log event, metrics and prompt log for one finished exchange (SPEC §8)."""
+
+    def finish(self, exchange: Exchange) -> None: ...

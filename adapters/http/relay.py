@@ -1,0 +1,148 @@
+"""Chunk-by-chunk relays of upstream streams (SPEC §4.9): SSE for /v1, NDJSON for /api.
+
+Each chunk is forwarded as soon as it arrives, as the upstream's own bytes; only the chunks that
+carry usage are parsed. A stream that ends without its normal end gets the route's error frame.
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from aiohttp import web
+from attrs import define
+
+from adapters.http.errors import error_bytes
+from gateway_core.errors import UpstreamUnavailable
+
+
+class ClientGone(Exception):  # noqa: N818 (a condition, not an error of ours)
+    """The caller closed its connection mid-stream."""
+
+
+@define
+class StreamResult:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    chunks: int = 0
+    completed: bool = False
+    failed: bool = False
+    client_gone: bool = False
+    text: list[str] | None = None
+
+
+async def _send(out: web.StreamResponse, data: bytes) -> None:
+    try:
+        await out.write(data)
+    except (ConnectionError, RuntimeError) as exc:
+        # aiohttp raises ClientConnectionResetError (a ConnectionError) or RuntimeError on a closed transport.
+        raise ClientGone() from exc
+
+
+_DONE = b"[DONE]"
+_USAGE_ONLY = b'"choices":[]'
+
+
+async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, *, caller_wants_usage: bool,
+                    collect_text: bool = False) -> StreamResult:
+    result = StreamResult(text=[] if collect_text else None)
+    data: list[bytes] = []
+    try:
+        async for raw in up.content:
+            line = raw.rstrip(b"\r\n")
+            if line:
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                continue  # comments, event names and ids are not part of Ollama's framing
+            if not data:
+                continue
+            payload = b"\n".join(data)
+            data.clear()
+            if payload == _DONE:
+                result.completed = True
+                await _send(out, b"data: [DONE]\n\n")
+                break
+            payload = _usage_from_sse(payload, result, caller_wants_usage)
+            if payload is None:
+                continue
+            result.chunks += 1
+            if result.text is not None:
+                _collect_sse_text(payload, result.text)
+            await _send(out, b"data: " + payload + b"\n\n")
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        pass
+    if not result.completed:
+        result.failed = True
+        await _send(out, b"data: " + error_bytes(_midstream_error()) + b"\n\n")
+    return result
+
+
+def _usage_from_sse(payload: bytes, result: StreamResult, caller_wants_usage: bool) -> bytes | None:
+    """Read usage where it is; drop what the caller did not ask for (reference §4.2)."""
+    if b'"usage"' not in payload:
+        return payload
+    chunk = json.loads(payload)
+    usage = chunk.get("usage") if isinstance(chunk, dict) else None
+    final = isinstance(chunk, dict) and chunk.get("choices") == []
+    if final and isinstance(usage, dict):
+        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        result.completion_tokens = int(usage.get("completion_tokens") or 0)
+        return payload if caller_wants_usage else None
+    if caller_wants_usage:
+        return payload
+    # /v1/completions repeats a zeroed usage on every chunk when usage was requested upstream.
+    chunk.pop("usage", None)
+    return json.dumps(chunk, separators=(",", ":")).encode()
+
+
+def _collect_sse_text(payload: bytes, sink: list[str]) -> None:
+    try:
+        chunk = json.loads(payload)
+        for choice in chunk.get("choices") or []:
+            piece = (choice.get("delta") or {}).get("content") or choice.get("text")
+            if isinstance(piece, str):
+                sink.append(piece)
+    except (ValueError, AttributeError):
+        pass
+
+
+async def relay_ndjson(up: aiohttp.ClientResponse, out: web.StreamResponse, *,
+                       collect_text: bool = False) -> StreamResult:
+    result = StreamResult(text=[] if collect_text else None)
+    try:
+        async for raw in up.content:
+            line = raw.strip()
+            if not line:
+                continue
+            if line.startswith(b'{"error"'):
+                break  # the upstream's own message may name hosts; ours replaces it below
+            if b'"done":true' in line:
+                final = json.loads(line)
+                result.prompt_tokens = int(final.get("prompt_eval_count") or 0)
+                result.completion_tokens = int(final.get("eval_count") or 0)
+                result.completed = True
+                if result.text is not None:
+                    _collect_native_text(final, result.text)
+                await _send(out, line + b"\n")
+                break
+            result.chunks += 1
+            if result.text is not None:
+                _collect_native_text(json.loads(line), result.text)
+            await _send(out, line + b"\n")
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        pass
+    if not result.completed:
+        result.failed = True
+        await _send(out, error_bytes(_midstream_error()) + b"\n")
+    return result
+
+
+def _collect_native_text(chunk: dict[str, object], sink: list[str]) -> None:
+    message = chunk.get("message")
+    piece = message.get("content") if isinstance(message, dict) else chunk.get("response")
+    if isinstance(piece, str):
+        sink.append(piece)
+
+
+def _midstream_error() -> UpstreamUnavailable:
+    return UpstreamUnavailable("The model backend failed while streaming; the response is incomplete.")

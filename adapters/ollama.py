@@ -1,0 +1,97 @@
+"""OllamaBackend: one pooled aiohttp client for the only upstream paths the gateway may call."""
+
+from __future__ import annotations
+
+import json as _json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from gateway_core.errors import UpstreamUnavailable
+
+# SPEC §3.2: the gateway calls Ollama only on this explicit allowlist.
+ALLOWED_UPSTREAM: frozenset[tuple[str, str]] = frozenset({
+    ("GET", "/api/tags"), ("GET", "/api/version"),
+    ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/embed"), ("POST", "/api/embeddings"),
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+})
+
+
+class UpstreamError(Exception):
+    """Ollama answered with a non-2xx status; carries the status only (its body is never shown)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream status {status}")
+        self.status = status
+
+
+class OllamaBackend:
+    def __init__(self, base_url: str, *, timeout_s: float, connect_timeout_s: float = 5.0,
+                 max_connections: int = 512) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=timeout_s)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30,
+                                         enable_cleanup_closed=True)
+        # No cookies, no caller headers, no proxy from the environment: every request is ours.
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",), trust_env=False, read_bufsize=2**22)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @asynccontextmanager
+    async def open(self, method: str, path: str, body: bytes | None = None,
+                   timeout_s: float | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A response to read or stream; leaving the block early closes the connection, which is
+        what makes Ollama stop generating (reference §4.3)."""
+        if (method, path) not in ALLOWED_UPSTREAM:
+            raise ValueError(f"{method} {path} is not an allowed upstream call")
+        assert self._session is not None, "OllamaBackend.start() was not awaited"
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
+        try:
+            resp = await self._session.request(method, self._base_url + path, data=body, headers=headers,
+                                               timeout=timeout or self._timeout, allow_redirects=False)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable() from exc
+        try:
+            yield resp
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            resp.close()
+            raise UpstreamUnavailable() from exc
+        except BaseException:
+            resp.close()
+            raise
+        else:
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
+
+    async def get_json(self, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        async with self.open("GET", path, timeout_s=timeout_s) as resp:
+            if resp.status != 200:
+                raise UpstreamUnavailable()
+            try:
+                data = _json.loads(await resp.read())
+            except ValueError as exc:
+                raise UpstreamUnavailable() from exc
+        if not isinstance(data, dict):
+            raise UpstreamUnavailable()
+        return data
+
+    async def tags(self) -> dict[str, Any]:
+        return await self.get_json("/api/tags")
+
+    async def version(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        return await self.get_json("/api/version", timeout_s)

@@ -1,0 +1,112 @@
+"""The change feed (SPEC §4.5): LISTEN for revocations and config changes, evict what they name,
+reconnect on its own and replay the revocation outbox it may have missed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import psycopg
+
+from gateway_core.errors import DependencyUnavailable
+
+REVOKED_CHANNEL = "key_revoked"
+CONFIG_CHANNEL = "gateway_config_changed"
+_log = logging.getLogger("neuronetz.listener")
+
+
+class Evictor(Protocol):
+    async def evict_prefix(self, prefix: str) -> None: ...
+
+    async def evict_tenant(self, tenant_id: int) -> None: ...
+
+    async def evict_all(self) -> None: ...
+
+
+class ChangeListener:
+    """trusted() is true only while a LISTEN connection is up and everything missed is replayed."""
+
+    def __init__(self, database_url: str, evictor: Evictor, *, probe_every_s: float = 1.0,
+                 retry_max_s: float = 1.0) -> None:
+        self._url = database_url
+        self._evictor = evictor
+        self._probe_every_s = probe_every_s
+        self._retry_max_s = retry_max_s
+        self._trusted = False
+        self._ready = asyncio.Event()
+        self._last_revocation_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.on_ready: Callable[[], Awaitable[None]] | None = None
+        self.connections = 0
+
+    def trusted(self) -> bool:
+        return self._trusted
+
+    async def start(self, wait_s: float = 5.0) -> None:
+        """Start listening; wait a little for the first connection so start-up is not all 503s."""
+        self._task = asyncio.create_task(self._run(), name="change-listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), wait_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self._listen()
+            except asyncio.CancelledError:
+                self._trusted = False
+                raise
+            except (psycopg.Error, OSError, DependencyUnavailable) as exc:
+                self._trusted = False
+                _log.warning("change listener lost its connection (%s); reconnecting", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max_s)
+
+    async def _listen(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self._url, autocommit=True,
+                                                         connect_timeout=3) as conn:
+            await conn.execute(f"LISTEN {REVOKED_CHANNEL}")
+            await conn.execute(f"LISTEN {CONFIG_CHANNEL}")
+            # Listening first, then catching up: nothing committed in between can be missed.
+            await self._catch_up(conn)
+            self.connections += 1
+            self._trusted = True
+            self._ready.set()
+            while True:
+                async for note in conn.notifies(timeout=self._probe_every_s):
+                    await self._apply(note.channel, note.payload)
+                # A quiet connection may be a dead one; only a round trip tells.
+                await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self._probe_every_s * 2)
+
+    async def _catch_up(self, conn: psycopg.AsyncConnection) -> None:
+        cur = await conn.execute("SELECT COALESCE(max(id), 0) FROM gateway.revocations")
+        row = await cur.fetchone()
+        newest = int(row[0]) if row else 0
+        if self._last_revocation_id is not None:
+            cur = await conn.execute(
+                "SELECT id, key_prefix FROM gateway.revocations WHERE id > %s ORDER BY id",
+                (self._last_revocation_id,))
+            for _, prefix in await cur.fetchall():
+                await self._evictor.evict_prefix(prefix)
+        # Config changes have no outbox; anything cached while we were deaf may be stale.
+        await self._evictor.evict_all()
+        self._last_revocation_id = newest
+
+    async def _apply(self, channel: str, payload: str) -> None:
+        if channel == REVOKED_CHANNEL:
+            await self._evictor.evict_prefix(payload)
+            return
+        kind, _, ident = payload.partition(":")
+        if kind == "key":
+            await self._evictor.evict_prefix(ident)
+        elif kind == "tenant" and ident.isdigit():
+            await self._evictor.evict_tenant(int(ident))

@@ -1,0 +1,58 @@
+"""Metrics (SPEC §8.2) with aioprometheus, served only on a loopback listener of their own.
+
+Labels are tenant and model, never a key; a model label is only ever a name from the caller's
+effective set (anything else is `-`), so random model names cannot mint new series.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aioprometheus import Counter, Gauge, Histogram, Registry, render
+
+UNKNOWN = "-"
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = Registry()
+        self.requests = Counter("gateway_requests_total", "Caller requests by outcome.",
+                                registry=self.registry)
+        self.tokens = Counter("gateway_tokens_total", "Tokens charged, by direction (in/out).",
+                              registry=self.registry)
+        self.duration = Histogram(
+            "gateway_request_duration_seconds", "Time from request to the end of the response.",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.circuit_open = Gauge("gateway_circuit_state",
+                                  "Upstream circuit: 0 closed, 1 half-open, 2 open.", registry=self.registry)
+        self.discovery_age = Gauge("gateway_discovery_age_seconds",
+                                   "Seconds since model discovery last succeeded (-1: never).",
+                                   registry=self.registry)
+        self.discovered_models = Gauge("gateway_discovered_models", "Models in the discovery cache.",
+                                       registry=self.registry)
+
+    def observe(self, tenant: str | None, model: str | None, status: int, tokens_in: int, tokens_out: int,
+                seconds: float) -> None:
+        labels = {"tenant": tenant or UNKNOWN, "model": model or UNKNOWN}
+        self.requests.inc({**labels, "status": str(status)})
+        if tokens_in:
+            self.tokens.add({**labels, "direction": "in"}, tokens_in)
+        if tokens_out:
+            self.tokens.add({**labels, "direction": "out"}, tokens_out)
+        self.duration.observe(labels, seconds)
+
+    def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        body, headers = render(self.registry, accept)
+        return body, dict(headers)
+
+
+def metrics_app(metrics: GatewayMetrics, before_render: object = None) -> web.Application:
+    async def handle(request: web.Request) -> web.Response:
+        if callable(before_render):
+            before_render()
+        body, headers = metrics.render(request.headers.getall("Accept", []))
+        return web.Response(body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    return app

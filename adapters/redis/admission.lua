@@ -1,0 +1,291 @@
+-- Admission store (SPEC §4.1, §4.2, §4.4, §6.2): one script, called by SHA, so that every decision
+-- and every correction is a single atomic round trip. All KEYS share the tenant's hash tag.
+--
+-- KEYS  1 leases:key  2 leases:tenant   (ZSET lease_id -> expiry ms)
+--       3 rpm:key     4 rpm:tenant      (ZSET lease_id -> admitted at ms)
+--       5 tpm:key     6 tpm-sum:key     (ZSET "lease_id|tokens" -> admitted at ms, plus running sum)
+--       7 tpm:tenant  8 tpm-sum:tenant
+--       9.. one budget counter per configured period, in ARGV order
+-- ARGV  1 op ("admit" | "settle" | "release")  2 now ms  3 lease_id
+--   admit:   4 prompt  5 completion asked  6 lease ttl ms  7 window ms
+--            8 concurrent:key  9 concurrent:tenant  10 rpm:key  11 rpm:tenant  12 tpm:key  13 tpm:tenant
+--            (-1 = unlimited), then per period: name, cap, ms to reset (-1 = never),
+--            seed (-1 = none), counter ttl s (-1 = none)
+--   settle:  4 real tokens  5 reserved tokens      release: 5 reserved tokens
+-- Times are integer milliseconds of the caller's clock, so scores stay exact as Lua numbers.
+
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+local lease = ARGV[3]
+
+local function tokens_of(member)
+  return tonumber(string.match(member, '|(%d+)$')) or 0
+end
+
+local function add_clamped(key, delta)
+  -- Counters and sums never go below zero, and a correction never recreates a vanished key:
+  -- a flushed budget counter is rebuilt from the ledger, not from a delta.
+  if delta == 0 or redis.call('EXISTS', key) == 0 then return end
+  if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+end
+
+if op == 'settle' or op == 'release' then
+  local real = tonumber(ARGV[4]) or 0
+  local reserved = tonumber(ARGV[5])
+  redis.call('ZREM', KEYS[1], lease)
+  redis.call('ZREM', KEYS[2], lease)
+  local prefix = lease .. '|'
+  for _, pair in ipairs({{KEYS[5], KEYS[6]}, {KEYS[7], KEYS[8]}}) do
+    -- The entry keeps its admission time, so it is found by score without a scan.
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', pair[1], ARGV[2], ARGV[2])) do
+      if string.sub(m, 1, #prefix) == prefix then
+        local estimate = tokens_of(m)
+        redis.call('ZREM', pair[1], m)
+        if op == 'settle' then
+          redis.call('ZADD', pair[1], ARGV[2], prefix .. real)
+          add_clamped(pair[2], real - estimate)
+        else
+          add_clamped(pair[2], -estimate)
+        end
+      end
+    end
+  end
+  local delta = (op == 'settle') and (real - reserved) or -reserved
+  for k = 9, #KEYS do add_clamped(KEYS[k], delta) end
+  return 'OK'
+end
+
+local prompt = tonumber(ARGV[4])
+local asked = tonumber(ARGV[5])
+local lease_ttl = tonumber(ARGV[6])
+local window = tonumber(ARGV[7])
+local cutoff = now - window
+-- Idle structures disappear on their own; every admit pushes their expiry out again.
+local window_pttl = 2 * window
+local lease_pttl = 2 * lease_ttl
+
+local function limit(arg)
+  local n = tonumber(arg)
+  if n < 0 then return nil end
+  return n
+end
+
+local levels = {
+  {leases = KEYS[1], rpm = KEYS[3], tpm = KEYS[5], sum = KEYS[6],
+   concurrent = limit(ARGV[8]), rpm_limit = limit(ARGV[10]), tpm_limit = limit(ARGV[12])},
+  {leases = KEYS[2], rpm = KEYS[4], tpm = KEYS[7], sum = KEYS[8],
+   concurrent = limit(ARGV[9]), rpm_limit = limit(ARGV[11]), tpm_limit = limit(ARGV[13])},
+}
+
+local periods = {}
+do
+  local i, k = 14, 9
+  while i <= #ARGV do
+    periods[#periods + 1] = {name = ARGV[i], cap = tonumber(ARGV[i + 1]), reset = tonumber(ARGV[i + 2]),
+                             seed = tonumber(ARGV[i + 3]), ttl = tonumber(ARGV[i + 4]), key = KEYS[k]}
+    i, k = i + 5, k + 1
+  end
+end
+
+local function newest_score(key)
+  local r = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if #r == 0 then return nil end
+  return tonumber(r[2])
+end
+
+-- Drops what left the window and returns the sum of what is still in it. Each entry is read once
+-- when it expires, so the cost is amortized O(log n) per request, not O(window).
+local function load_tokens(log, sum)
+  local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff) end
+  if redis.call('ZCARD', log) == 0 then
+    redis.call('DEL', sum)
+    return 0
+  end
+  local total = redis.call('GET', sum)
+  if not total then
+    -- The sum vanished without its log (eviction): rebuild it once from the log.
+    total = 0
+    for _, m in ipairs(redis.call('ZRANGE', log, 0, -1)) do total = total + tokens_of(m) end
+    redis.call('SET', sum, total, 'PX', window_pttl)
+    return total
+  end
+  total = tonumber(total)
+  if #old > 0 then
+    for _, m in ipairs(old) do total = total - tokens_of(m) end
+    if total < 0 then total = 0 end
+    redis.call('SET', sum, total, 'KEEPTTL')
+  end
+  return total
+end
+
+-- Seeding is cache rebuilding, not consumption: it happens even if the request is then denied.
+-- NX: a counter another replica created meanwhile is never overwritten.
+for _, p in ipairs(periods) do
+  if p.seed >= 0 then
+    if p.ttl > 0 then
+      redis.call('SET', p.key, p.seed, 'NX', 'EX', p.ttl)
+    else
+      redis.call('SET', p.key, p.seed, 'NX')
+    end
+  end
+end
+
+for _, lv in ipairs(levels) do
+  if lv.concurrent then
+    redis.call('ZREMRANGEBYSCORE', lv.leases, '-inf', now)
+    lv.in_flight = redis.call('ZCARD', lv.leases)
+  end
+  if lv.rpm_limit then
+    redis.call('ZREMRANGEBYSCORE', lv.rpm, '-inf', cutoff)
+    lv.requests = redis.call('ZCARD', lv.rpm)
+  end
+  if lv.tpm_limit then lv.tokens = load_tokens(lv.tpm, lv.sum) end
+end
+
+local missing = {}
+for _, p in ipairs(periods) do
+  local used = redis.call('GET', p.key)
+  if used then p.used = tonumber(used) else missing[#missing + 1] = p.name end
+end
+
+-- The binding window for the headers: least remaining after this decision, key level on a tie.
+local function window_state(count_field, limit_field, log_field, added)
+  local best = nil
+  for _, lv in ipairs(levels) do
+    local lim = lv[limit_field]
+    if lim then
+      local remaining = lim - lv[count_field] - added
+      if remaining < 0 then remaining = 0 end
+      -- Fully restored when the newest entry (this request's, on a grant) leaves the window.
+      local reset = 0
+      local newest = newest_score(lv[log_field])
+      if newest then reset = math.max(0, newest + window - now) end
+      if best == nil or remaining < best[2] then best = {lim, remaining, reset} end
+    end
+  end
+  return best
+end
+
+local function budget_state(reserve)
+  if #missing > 0 or #periods == 0 then return nil, nil end
+  local name, least = nil, nil
+  for _, p in ipairs(periods) do
+    local remaining = p.cap - p.used - reserve
+    if least == nil or remaining < least then name, least = p.name, remaining end
+  end
+  if least < 0 then least = 0 end
+  return name, least
+end
+
+local function deny(denial, retry_ms, should_retry, extra)
+  local out = {granted = false, denial = denial, retry_ms = retry_ms, should_retry = should_retry,
+               rq = window_state('requests', 'rpm_limit', 'rpm', 0),
+               tk = window_state('tokens', 'tpm_limit', 'tpm', 0)}
+  out.budget_period, out.budget_remaining = budget_state(0)
+  for k, v in pairs(extra or {}) do out[k] = v end
+  return cjson.encode(out)
+end
+
+for _, lv in ipairs(levels) do
+  if lv.concurrent and lv.in_flight >= lv.concurrent then
+    -- A slot frees when any request ends, which is not known here: ask for a short wait.
+    return deny('concurrent', 1000, lv.concurrent > 0)
+  end
+end
+
+do
+  local retry, futile = nil, false
+  for _, lv in ipairs(levels) do
+    local lim = lv.rpm_limit
+    if lim and lv.requests >= lim then
+      local wait = window
+      if lim == 0 then
+        futile = true
+      else
+        -- Enough entries must leave for one more to fit: the (count - limit)-th oldest is the last.
+        local r = redis.call('ZRANGE', lv.rpm, lv.requests - lim, lv.requests - lim, 'WITHSCORES')
+        wait = tonumber(r[2]) + window - now
+      end
+      if retry == nil or wait > retry then retry = wait end
+    end
+  end
+  if retry then return deny('rpm', retry, not futile) end
+end
+
+if #missing > 0 then
+  return cjson.encode({granted = false, missing = missing})
+end
+
+local exhausted, granted_completion = nil, asked
+for _, p in ipairs(periods) do
+  local remaining = p.cap - p.used
+  if remaining <= prompt then
+    -- Of several exhausted periods the one resetting last decides when a retry can succeed.
+    if exhausted == nil or exhausted.reset >= 0 and (p.reset < 0 or p.reset > exhausted.reset) then
+      exhausted = p
+    end
+  elseif remaining - prompt < granted_completion then
+    granted_completion = remaining - prompt
+  end
+end
+if exhausted then granted_completion = asked end
+local need = prompt + granted_completion
+
+do
+  local retry, futile = nil, false
+  for _, lv in ipairs(levels) do
+    local lim = lv.tpm_limit
+    if lim and lv.tokens + need > lim then
+      local wait = window
+      if need > lim then
+        -- The estimate alone exceeds the limit: no amount of waiting admits it.
+        futile = true
+      else
+        local excess, freed, start = lv.tokens + need - lim, 0, 0
+        while freed < excess do
+          local batch = redis.call('ZRANGE', lv.tpm, start, start + 99, 'WITHSCORES')
+          if #batch == 0 then break end
+          for j = 1, #batch, 2 do
+            freed = freed + tokens_of(batch[j])
+            if freed >= excess then
+              wait = tonumber(batch[j + 1]) + window - now
+              break
+            end
+          end
+          start = start + 100
+        end
+      end
+      if retry == nil or wait > retry then retry = wait end
+    end
+  end
+  if retry then return deny('tpm', retry, not futile) end
+end
+
+if exhausted then
+  return deny('budget', 0, exhausted.reset >= 0, {period = exhausted.name})
+end
+
+for _, lv in ipairs(levels) do
+  if lv.concurrent then
+    redis.call('ZADD', lv.leases, now + lease_ttl, lease)
+    redis.call('PEXPIRE', lv.leases, lease_pttl)
+  end
+  if lv.rpm_limit then
+    redis.call('ZADD', lv.rpm, now, lease)
+    redis.call('PEXPIRE', lv.rpm, window_pttl)
+  end
+  if lv.tpm_limit then
+    redis.call('ZADD', lv.tpm, now, lease .. '|' .. need)
+    redis.call('INCRBY', lv.sum, need)
+    redis.call('PEXPIRE', lv.tpm, window_pttl)
+    redis.call('PEXPIRE', lv.sum, window_pttl)
+  end
+end
+for _, p in ipairs(periods) do redis.call('INCRBY', p.key, need) end
+
+local out = {granted = true, completion = granted_completion, reserved = need,
+             rq = window_state('requests', 'rpm_limit', 'rpm', 1),
+             tk = window_state('tokens', 'tpm_limit', 'tpm', need)}
+out.budget_period, out.budget_remaining = budget_state(need)
+return cjson.encode(out)

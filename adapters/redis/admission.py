@@ -1,0 +1,171 @@
+"""RedisAdmission: concurrency, rpm, tpm and budgets decided in one Lua round trip (SPEC §4.1, §4.4).
+
+Key layout; every key of one tenant carries the hash tag `{t:<tenant_id>}` (Redis Cluster safe):
+  gw:{t:T}:cc:k:<key_id> / gw:{t:T}:cc:t     ZSET lease_id → lease expiry (ms)
+  gw:{t:T}:rq:k:<key_id> / gw:{t:T}:rq:t     ZSET lease_id → admission time (ms), sliding rpm log
+  gw:{t:T}:tk:k:<key_id> / gw:{t:T}:tk:t     ZSET "<lease_id>|<tokens>" → admission time (ms), tpm log
+  gw:{t:T}:tks:k:<key_id> / gw:{t:T}:tks:t   running sum of the tpm log
+  gw:{t:T}:bud:<key_id>:<period>:<YYYYMMDD>  tokens used in that period instance, reservations included
+Windows and leases are only kept for limits that are set; times are the caller's clock, in ms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+from adapters.redis.errors import redis_guard
+from gateway_core.admission import LEASE_TTL_S, Admission, Denial, Settlement, Ticket, WindowState
+from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
+from gateway_core.limits import WINDOW_S
+
+# A settlement for a request that began before a period rolled over still finds its counter.
+COUNTER_GRACE_S = 3600
+_UNLIMITED = -1
+
+
+@cache
+def _lua_source() -> str:
+    return resources.files("adapters.redis").joinpath("admission.lua").read_text(encoding="utf-8")
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _tag(tenant_id: int) -> str:
+    return f"gw:{{t:{tenant_id}}}"
+
+
+def lease_keys(ticket: Ticket) -> tuple[str, str]:
+    tag = _tag(ticket.tenant_id)
+    return f"{tag}:cc:k:{ticket.key_id}", f"{tag}:cc:t"
+
+
+def budget_key(ticket: Ticket, period: Period) -> str:
+    start = period.start(ticket.now)
+    return f"{_tag(ticket.tenant_id)}:bud:{ticket.key_id}:{period.value}:{start:%Y%m%d}"
+
+
+def _keys(ticket: Ticket) -> list[str]:
+    tag, key = _tag(ticket.tenant_id), ticket.key_id
+    return [
+        *lease_keys(ticket),
+        f"{tag}:rq:k:{key}", f"{tag}:rq:t",
+        f"{tag}:tk:k:{key}", f"{tag}:tks:k:{key}",
+        f"{tag}:tk:t", f"{tag}:tks:t",
+        *(budget_key(ticket, p) for p in ticket.budget.caps()),
+    ]
+
+
+def _limit(value: int | None) -> int:
+    return _UNLIMITED if value is None else value
+
+
+def _admit_args(ticket: Ticket, seeds: dict[Period, int]) -> list[str | int]:
+    k, t = ticket.key_limits, ticket.tenant_limits
+    args: list[str | int] = [
+        "admit", _ms(ticket.now), ticket.lease_id, ticket.prompt_tokens, ticket.completion_tokens,
+        _ms(LEASE_TTL_S), _ms(WINDOW_S),
+        _limit(k.concurrent), _limit(t.concurrent), _limit(k.rpm), _limit(t.rpm),
+        _limit(k.tpm), _limit(t.tpm),
+    ]
+    for period, cap in ticket.budget.caps().items():
+        to_reset = period.seconds_to_reset(ticket.now)
+        args += [
+            period.value, cap,
+            _UNLIMITED if to_reset is None else _ms(to_reset),
+            seeds.get(period, _UNLIMITED),
+            _UNLIMITED if to_reset is None else math.ceil(to_reset) + COUNTER_GRACE_S,
+        ]
+    return args
+
+
+def _window(raw: list[int | float] | None) -> WindowState | None:
+    if raw is None:
+        return None
+    limit, remaining, reset_ms = raw
+    return WindowState(limit=int(limit), remaining=int(remaining), reset_s=reset_ms / 1000)
+
+
+def _admission(ticket: Ticket, out: dict[str, Any]) -> Admission:
+    if out.get("missing"):
+        return Admission(granted=False, missing_periods=tuple(Period(p) for p in out["missing"]))
+    common: dict[str, Any] = {
+        "requests": _window(out.get("rq")),
+        "tokens": _window(out.get("tk")),
+        "budget_period": Period(out["budget_period"]) if "budget_period" in out else None,
+        "budget_remaining": out.get("budget_remaining"),
+    }
+    if out["granted"]:
+        reserved = int(out["reserved"])
+        return Admission(
+            granted=True, completion_tokens=int(out["completion"]),
+            reserved={p: reserved for p in ticket.budget.caps()}, **common,
+        )
+    denial = Denial(out["denial"])
+    if denial is Denial.BUDGET:
+        period = Period(out["period"])
+        to_reset = period.seconds_to_reset(ticket.now)
+        retry_after_s = float(NO_RESET_RETRY_AFTER_S) if to_reset is None else to_reset
+        return Admission(granted=False, denial=denial, denied_period=period, retry_after_s=retry_after_s,
+                         should_retry=to_reset is not None, **common)
+    return Admission(granted=False, denial=denial, retry_after_s=out["retry_ms"] / 1000,
+                     should_retry=bool(out["should_retry"]), **common)
+
+
+class RedisAdmission:
+    """The AdmissionStore on Redis; safe to share between replicas (all state lives in Redis).
+
+    `settle` and `release` must each be called at most once per granted ticket: they apply deltas.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        # EVALSHA; redis-py loads the script and retries once if the server answers NOSCRIPT.
+        self._script = redis.register_script(_lua_source())
+
+    async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None) -> Admission:
+        """One atomic round trip; a denial or a `missing_periods` answer consumes nothing."""
+        async with redis_guard():
+            raw = await self._script(keys=_keys(ticket), args=_admit_args(ticket, seeds or {}))
+        return _admission(ticket, json.loads(raw))
+
+    async def settle(self, settlement: Settlement) -> None:
+        """Drop the lease, replace the tpm estimate by the real count and correct the budgets."""
+        ticket = settlement.ticket
+        real = settlement.prompt_tokens + settlement.completion_tokens
+        async with redis_guard():
+            await self._script(
+                keys=_keys(ticket),
+                args=["settle", _ms(ticket.now), ticket.lease_id, real, settlement.reserved_tokens],
+            )
+
+    async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
+        """Give back the lease, the tpm entry and the budget reservation of a request that produced
+        no tokens. Its rpm entry stays: an attempt counts against requests per minute."""
+        async with redis_guard():
+            await self._script(
+                keys=_keys(ticket), args=["release", _ms(ticket.now), ticket.lease_id, 0, reserved_tokens]
+            )
+
+    async def renew(self, tickets: list[Ticket], now: float) -> None:
+        """Push the leases of in-flight *tickets* to now + LEASE_TTL_S, in one pipelined round trip.
+
+        XX: a lease already settled, released or expired is not brought back.
+        """
+        if not tickets:
+            return
+        expiry = _ms(now + LEASE_TTL_S)
+        async with redis_guard():
+            pipe = self._redis.pipeline(transaction=False)
+            for ticket in tickets:
+                for key in lease_keys(ticket):
+                    pipe.zadd(key, {ticket.lease_id: expiry}, xx=True)
+                    pipe.pexpire(key, 2 * _ms(LEASE_TTL_S))
+            await pipe.execute()

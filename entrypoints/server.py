@@ -1,0 +1,42 @@
+"""`neuronetz-gateway serve`: the public listener, and /metrics on loopback only (SPEC §8.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from aiohttp import web
+
+from adapters.prometheus import metrics_app
+from entrypoints.app import METRICS, REFRESH_GAUGES, build_app
+from entrypoints.logging_setup import configure_logging
+from entrypoints.settings import Settings
+
+# In-flight requests get this long to finish on SIGTERM before the writers flush and close.
+SHUTDOWN_GRACE_S = 30.0
+
+
+async def run(settings: Settings) -> None:
+    configure_logging(settings.log_format, settings.log_level)
+    app = build_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S,
+                           handle_signals=False)
+    await runner.setup()
+    metrics_runner = web.AppRunner(metrics_app(app[METRICS], lambda: app[REFRESH_GAUGES]()),
+                                   access_log=None)
+    await metrics_runner.setup()
+    await web.TCPSite(metrics_runner, "127.0.0.1", settings.metrics_port).start()
+    await web.TCPSite(runner, settings.gateway_host, settings.gateway_port, backlog=1024).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"neuronetz-gateway listening on http://{settings.gateway_host}:{settings.gateway_port} "
+          f"(metrics on http://127.0.0.1:{settings.metrics_port}/metrics)", flush=True)
+    await stop.wait()
+    await metrics_runner.cleanup()
+    await runner.cleanup()
+
+
+def serve(settings: Settings) -> None:
+    asyncio.run(run(settings))

@@ -1,0 +1,124 @@
+"""Request use cases in SPEC §4.1 order: authenticate, authorize (scope, model policy), admit, settle."""
+
+from __future__ import annotations
+
+from attrs import frozen
+
+from gateway_core.api_keys import cache_digest, is_well_formed_key, prefix_of
+from gateway_core.effective_models import EffectiveModels
+from gateway_core.errors import (
+    DependencyUnavailable,
+    InvalidApiKey,
+    ModelNotAllowed,
+    RateLimitExceeded,
+    ScopeNotAllowed,
+)
+from gateway_core.models import Catalog, Principal, Scope
+from gateway_core.ports import (
+    NEGATIVE,
+    AuthFailures,
+    ChangeFeed,
+    Clock,
+    KeyCache,
+    ModelCatalog,
+    PrincipalSource,
+    SecretHasher,
+)
+
+
+@frozen
+class AuthPorts:
+    cache: KeyCache
+    source: PrincipalSource
+    hasher: SecretHasher
+    failures: AuthFailures
+    feed: ChangeFeed
+    clock: Clock
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key from `Authorization: Bearer <key>`, or None when absent or malformed."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not is_well_formed_key(value):
+        return None
+    return value
+
+
+class Authenticator:
+    """SPEC §3.1: every failure is the same InvalidApiKey; argon2 is paid once per key per cache TTL."""
+
+    def __init__(self, ports: AuthPorts) -> None:
+        self._p = ports
+
+    async def authenticate(self, authorization: str | None, client_ip: str) -> Principal:
+        p = self._p
+        if not p.feed.trusted():
+            # Without the revocation listener a cached key may have been revoked (SPEC §8.5).
+            raise DependencyUnavailable()
+        key = bearer_key(authorization)
+        if key is None:
+            await p.failures.record(client_ip, p.clock.now())
+            raise InvalidApiKey()
+        digest = cache_digest(key)
+        cached = await p.cache.get(digest)
+        if cached == NEGATIVE:
+            await p.failures.record(client_ip, p.clock.now())
+            raise InvalidApiKey()
+        if isinstance(cached, Principal):
+            return cached
+        wait_s = await p.failures.blocked_for(client_ip, p.clock.now())
+        if wait_s is not None:
+            raise RateLimitExceeded(
+                "Too many failed authentication attempts from this address; retry later.",
+                retry_after_s=wait_s)
+        mark = p.cache.mark()
+        found = await p.source.principal_by_prefix(prefix_of(key))
+        if found is None or not await p.hasher.verify(key, found[0]):
+            await p.cache.put_negative(digest)
+            await p.failures.record(client_ip, p.clock.now())
+            raise InvalidApiKey()
+        principal = found[1]
+        await p.cache.put(digest, principal, mark)
+        return principal
+
+
+class ModelPolicy:
+    """SPEC §4.3 and §4.7 over the in-process discovery copy; no I/O on the request path."""
+
+    def __init__(self, catalog: ModelCatalog, clock: Clock) -> None:
+        self._catalog = catalog
+        self._clock = clock
+        self._memo: dict[tuple[int, tuple[str, ...], bool], EffectiveModels] = {}
+
+    def catalog(self) -> Catalog | None:
+        return self._catalog.current(self._clock.now())
+
+    def effective(self, principal: Principal) -> EffectiveModels:
+        """The caller's effective set now; empty when discovery is empty or expired."""
+        catalog = self._catalog.current(self._clock.now())
+        if catalog is None:
+            return EffectiveModels(by_canonical={})
+        return self._resolve(catalog, principal)
+
+    def _resolve(self, catalog: Catalog, principal: Principal) -> EffectiveModels:
+        memo_key = (catalog.version, principal.allowed_models, principal.allow_all_models)
+        found = self._memo.get(memo_key)
+        if found is None:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            found = EffectiveModels.resolve(principal.allowed_models, principal.allow_all_models,
+                                            catalog.names)
+            self._memo[memo_key] = found
+        return found
+
+    def authorize(self, principal: Principal, scope: Scope, model: str) -> str:
+        """The upstream name for *model*; one generic 403 for disallowed and nonexistent alike."""
+        if scope not in principal.scopes:
+            raise ScopeNotAllowed()
+        upstream = self.effective(principal).lookup(model)
+        if upstream is None:
+            raise ModelNotAllowed()
+        return upstream

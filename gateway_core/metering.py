@@ -1,0 +1,114 @@
+"""Admission and settlement use cases (SPEC §4.1, §6.2): reserve before forwarding, settle after."""
+
+from __future__ import annotations
+
+import uuid
+
+from attrs import define
+
+from gateway_core.admission import Admission, Denial, Settlement, Ticket
+from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
+from gateway_core.errors import BudgetExhausted, RateLimitExceeded
+from gateway_core.models import Principal
+from gateway_core.ports import AdmissionStore, Clock, LedgerEntry, UsageLedger
+from gateway_core.rate_headers import rate_limit_headers
+
+_DENIAL_TEXT = {
+    Denial.CONCURRENCY: "Too many requests in flight for this {who} (limit {limit}); "
+                         "retry when one finishes.",
+    Denial.RPM: "Request rate limit reached for this {who}: {limit} requests per minute.",
+    Denial.TPM: "Token rate limit reached for this {who}: {limit} tokens per minute.",
+}
+
+
+@define
+class Grant:
+    """An admitted request: its ticket, the decision, and the headers the caller gets."""
+
+    ticket: Ticket
+    admission: Admission
+    headers: dict[str, str]
+    settled: bool = False
+
+    @property
+    def completion_cap(self) -> int | None:
+        """The completion allowance to enforce upstream, or None when the caller's own applies."""
+        return self.admission.completion_tokens if self.ticket.budget.is_set else None
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.ticket.prompt_tokens + self.admission.completion_tokens
+
+
+class Metering:
+    def __init__(self, store: AdmissionStore, ledger: UsageLedger, clock: Clock,
+                 default_completion_reserve: int) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._clock = clock
+        self._default_reserve = default_completion_reserve
+        self.in_flight: dict[str, Ticket] = {}
+
+    async def admit(self, principal: Principal, prompt_tokens: int, completion_tokens: int | None) -> Grant:
+        """Reserve the request's estimate, or raise RateLimitExceeded / BudgetExhausted (429)."""
+        asked = self._default_reserve if completion_tokens is None else max(completion_tokens, 0)
+        ticket = Ticket(
+            lease_id=uuid.uuid4().hex, tenant_id=principal.tenant_id, key_id=principal.key_id,
+            key_limits=principal.limits, tenant_limits=principal.tenant_limits, budget=principal.budget,
+            prompt_tokens=prompt_tokens, completion_tokens=asked, now=self._clock.now(),
+        )
+        admission = await self._store.admit(ticket)
+        if admission.missing_periods:
+            # Redis lost the counter (restart, flush) or a period began: rebuild it from the ledger.
+            starts = {p: p.start(ticket.now) for p in admission.missing_periods}
+            seeds = await self._ledger.used(ticket.key_id, starts)
+            admission = await self._store.admit(ticket, seeds)
+        headers = rate_limit_headers(admission)
+        if not admission.granted:
+            raise _denied(admission, principal, headers)
+        self.in_flight[ticket.lease_id] = ticket
+        return Grant(ticket, admission, headers)
+
+    async def settle(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> None:
+        """Charge real usage (SPEC §6.2); the unused part of the reservation returns."""
+        if grant.settled:
+            return
+        grant.settled = True
+        self.in_flight.pop(grant.ticket.lease_id, None)
+        now = self._clock.now()
+        self._ledger.record(LedgerEntry(grant.ticket.key_id, now, prompt_tokens, completion_tokens))
+        await self._store.settle(Settlement(grant.ticket, grant.reserved_tokens, prompt_tokens,
+                                            completion_tokens, now))
+
+    async def release(self, grant: Grant) -> None:
+        """The request never reached a model: nothing is charged and the slot returns."""
+        if grant.settled:
+            return
+        grant.settled = True
+        self.in_flight.pop(grant.ticket.lease_id, None)
+        await self._store.release(grant.ticket, grant.reserved_tokens)
+
+    async def renew_leases(self) -> None:
+        if self.in_flight:
+            await self._store.renew(list(self.in_flight.values()), self._clock.now())
+
+
+def _denied(admission: Admission, principal: Principal, headers: dict[str, str]) -> RateLimitExceeded:
+    if admission.denial is Denial.BUDGET:
+        period = admission.denied_period or Period.TOTAL
+        if period is Period.TOTAL:
+            return BudgetExhausted(
+                "This key's total token budget is used up; it does not reset. Ask an operator to raise it.",
+                retry_after_s=NO_RESET_RETRY_AFTER_S, should_retry=False, headers=headers)
+        boundary = "midnight" if period is Period.DAILY else "month start"
+        return BudgetExhausted(
+            f"This key's {period.value} token budget is used up; it resets in "
+            f"{int(admission.retry_after_s)} seconds (UTC {boundary}).",
+            retry_after_s=admission.retry_after_s,
+            should_retry=False if admission.retry_after_s > 120 else None, headers=headers)
+    limits = principal.limits
+    limit = {Denial.CONCURRENCY: limits.concurrent, Denial.RPM: limits.rpm, Denial.TPM: limits.tpm}.get(
+        admission.denial or Denial.RPM)
+    text = _DENIAL_TEXT.get(admission.denial or Denial.RPM, "Rate limit exceeded.")
+    return RateLimitExceeded(text.format(who="key or its tenant", limit=limit),
+                             retry_after_s=max(admission.retry_after_s, 1.0), headers=headers)
