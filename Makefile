@@ -35,5 +35,9 @@ lint: install
 migrate: install
 	$(BIN)/neuronetz-gateway migrate
 
+# The gateway on :8080 with a demo tenant and key, on local services (deploy/dev.sh says what it does).
+dev: install
+	deploy/dev.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

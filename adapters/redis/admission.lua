@@ -157,10 +157,12 @@ local function window_state(count_field, limit_field, log_field, added)
     if lim then
       local remaining = lim - lv[count_field] - added
       if remaining < 0 then remaining = 0 end
-      -- Fully restored when the newest entry (this request's, on a grant) leaves the window.
-      local reset = 0
-      local newest = newest_score(lv[log_field])
-      if newest then reset = math.max(0, newest + window - now) end
+      -- Fully restored when the newest entry leaves the window; on a grant that is this request's.
+      local reset = window
+      if added == 0 then
+        local newest = newest_score(lv[log_field])
+        reset = newest and math.max(0, newest + window - now) or 0
+      end
       if best == nil or remaining < best[2] then best = {lim, remaining, reset} end
     end
   end
