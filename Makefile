@@ -32,6 +32,14 @@ lint: install
 	$(BIN)/mypy gateway_core
 	$(BIN)/lint-imports
 
+# Gateway overhead vs. the fake Ollama (tests/bench/bench_gateway.py; not a test). About 2 minutes.
+# wrk is installed when missing, best effort; without it the bench uses its own python load generator.
+# Extra options: make bench BENCH_ARGS="--json bench.json" (see --help).
+bench: install
+	command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1 \
+		|| echo "wrk not available; the bench falls back to its python load generator"
+	$(BIN)/python -m tests.bench.bench_gateway $(BENCH_ARGS)
+
 migrate: install
 	$(BIN)/neuronetz-gateway migrate
 

@@ -69,7 +69,9 @@ async def open_admin(settings: Settings, actor: str) -> AsyncIterator[Admin]:
     finally:
         hasher.close()
         await redis.aclose()
-        await pool.close()
+        # psycopg_pool's close can wait on a connection attempt in flight; never hang a shutdown on it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pool.close(timeout=2), 5)
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -159,4 +161,5 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         await backend.close()
         hasher.close()
         await redis.aclose()
-        await pool.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pool.close(timeout=2), 5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from attrs import frozen
 
 from gateway_core.api_keys import cache_digest, is_well_formed_key, prefix_of
@@ -60,20 +62,16 @@ class Authenticator:
             raise DependencyUnavailable()
         key = bearer_key(authorization)
         if key is None:
-            await p.failures.record(client_ip, p.clock.now())
-            raise InvalidApiKey()
+            await self._refuse(client_ip)
         digest = cache_digest(key)
         cached = await p.cache.get(digest)
         if cached == NEGATIVE:
-            await p.failures.record(client_ip, p.clock.now())
-            raise InvalidApiKey()
+            await self._refuse(client_ip)
         if isinstance(cached, Principal):
+            # A key verified before needs no hash: a busy neighbour on a shared address does not
+            # lock out callers whose keys already work (the block exists to protect the CPU).
             return cached
-        wait_s = await p.failures.blocked_for(client_ip, p.clock.now())
-        if wait_s is not None:
-            raise RateLimitExceeded(
-                "Too many failed authentication attempts from this address; retry later.",
-                retry_after_s=wait_s)
+        await self._raise_if_blocked(client_ip)
         mark = p.cache.mark()
         found = await p.source.principal_by_prefix(prefix_of(key))
         if found is None or not await p.hasher.verify(key, found[0]):
@@ -83,6 +81,20 @@ class Authenticator:
         principal = found[1]
         await p.cache.put(digest, principal, mark)
         return principal
+
+    async def _raise_if_blocked(self, client_ip: str) -> None:
+        wait_s = await self._p.failures.blocked_for(client_ip, self._p.clock.now())
+        if wait_s is not None:
+            raise RateLimitExceeded(
+                "Too many failed authentication attempts from this address; retry later.",
+                retry_after_s=wait_s)
+
+    async def _refuse(self, client_ip: str) -> NoReturn:
+        """A failure found without hashing: 401, or 429 like every other attempt once this address
+        is past its limit, so a blocked client is not told 401 for a key it already tried."""
+        await self._raise_if_blocked(client_ip)
+        await self._p.failures.record(client_ip, self._p.clock.now())
+        raise InvalidApiKey()
 
 
 class ModelPolicy:

@@ -41,6 +41,10 @@ async def _send(out: web.StreamResponse, data: bytes) -> None:
 
 _DONE = b"[DONE]"
 _USAGE_ONLY = b'"choices":[]'
+# Ollama's /v1 layer turns a mid-stream native error into one blank chunk with an empty model, then
+# closes without [DONE] (reference §2.3). Inside a JSON string the quotes would be escaped, so these
+# bytes can only be the chunk's own `model` field.
+_ERROR_STAND_IN = b'"model":""'
 
 
 async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, *, caller_wants_usage: bool,
@@ -62,6 +66,8 @@ async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, *, call
                 result.completed = True
                 await _send(out, b"data: [DONE]\n\n")
                 break
+            if _ERROR_STAND_IN in payload:
+                break  # not content: neither relayed nor charged; our error frame below replaces it
             payload = _usage_from_sse(payload, result, caller_wants_usage)
             if payload is None:
                 continue
@@ -78,19 +84,21 @@ async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, *, call
 
 
 def _usage_from_sse(payload: bytes, result: StreamResult, caller_wants_usage: bool) -> bytes | None:
-    """Read usage where it is; drop what the caller did not ask for (reference §4.2)."""
+    """Read usage where it is; drop what the caller did not ask for and Ollama's zeroed copies (ref. §4.2)."""
     if b'"usage"' not in payload:
         return payload
     chunk = json.loads(payload)
-    usage = chunk.get("usage") if isinstance(chunk, dict) else None
-    final = isinstance(chunk, dict) and chunk.get("choices") == []
+    if not isinstance(chunk, dict):
+        return payload
+    usage = chunk.get("usage")
+    final = chunk.get("choices") == []
     if final and isinstance(usage, dict):
         result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
         result.completion_tokens = int(usage.get("completion_tokens") or 0)
         return payload if caller_wants_usage else None
-    if caller_wants_usage:
-        return payload
-    # /v1/completions repeats a zeroed usage on every chunk when usage was requested upstream.
+    # /v1/completions repeats a zeroed usage on every chunk when usage was requested upstream. It is
+    # dropped even for a caller who asked for usage: OpenAI sends it only on the final chunk, and a
+    # client that takes the first usage it sees would otherwise read zeros.
     chunk.pop("usage", None)
     return json.dumps(chunk, separators=(",", ":")).encode()
 
@@ -133,8 +141,18 @@ async def relay_ndjson(up: aiohttp.ClientResponse, out: web.StreamResponse, *,
         pass
     if not result.completed:
         result.failed = True
-        await _send(out, error_bytes(_midstream_error()) + b"\n")
+        await _send(out, _ndjson_error_line(_midstream_error()))
     return result
+
+
+def _ndjson_error_line(exc: UpstreamUnavailable) -> bytes:
+    """The in-stream error line in Ollama's native form: `error` is a string, with the §3.3 code beside it.
+
+    Native clients read `part["error"]` as the message (ollama-python passes it to ResponseError, which
+    fails with TypeError on an object; ollama-js and Go's api client expect a string too), so the
+    OpenAI-shaped object used for whole error bodies would break exactly the callers of this framing.
+    """
+    return json.dumps({"error": exc.message, "code": exc.code}, separators=(",", ":")).encode() + b"\n"
 
 
 def _collect_native_text(chunk: dict[str, object], sink: list[str]) -> None:

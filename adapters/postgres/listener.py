@@ -15,6 +15,8 @@ from gateway_core.errors import DependencyUnavailable
 
 REVOKED_CHANNEL = "key_revoked"
 CONFIG_CHANNEL = "gateway_config_changed"
+# Names the LISTEN session in pg_stat_activity, so an operator (or a test) can tell it from the pool's.
+APPLICATION_NAME = "neuronetz-gateway-listener"
 _log = logging.getLogger("neuronetz.listener")
 
 
@@ -60,20 +62,28 @@ class ChangeListener:
     async def _run(self) -> None:
         delay = 0.05
         while True:
+            connected_before = self.connections
             try:
                 await self._listen()
             except asyncio.CancelledError:
                 self._trusted = False
                 raise
             except (psycopg.Error, OSError, DependencyUnavailable) as exc:
-                self._trusted = False
                 _log.warning("change listener lost its connection (%s); reconnecting", type(exc).__name__)
+            except Exception:
+                # Anything else must not end this task while trusted() still says yes (fail-closed).
+                _log.exception("change listener failed; reconnecting")
+            self._trusted = False
+            if self.connections != connected_before:
+                # It was up: a new outage starts the backoff over, else every later reconnect of a
+                # long-running process would wait retry_max_s and keep callers on 503 that long.
+                delay = 0.05
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
 
     async def _listen(self) -> None:
-        async with await psycopg.AsyncConnection.connect(self._url, autocommit=True,
-                                                         connect_timeout=3) as conn:
+        async with await psycopg.AsyncConnection.connect(self._url, autocommit=True, connect_timeout=3,
+                                                         application_name=APPLICATION_NAME) as conn:
             await conn.execute(f"LISTEN {REVOKED_CHANNEL}")
             await conn.execute(f"LISTEN {CONFIG_CHANNEL}")
             # Listening first, then catching up: nothing committed in between can be missed.

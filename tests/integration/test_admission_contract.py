@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -13,8 +14,10 @@ from redis.asyncio import Redis
 from adapters.redis.admission import RedisAdmission, budget_key
 from gateway_core.admission import LEASE_TTL_S, Admission, Denial, Settlement, Ticket
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Budget, Period
+from gateway_core.errors import DependencyUnavailable
 from gateway_core.limits import Limits
 from tests.fake_admission import InMemoryAdmission
+from tests.services import free_port
 
 MINUTE = 1_789_999_980.0  # 2026-09-21 14:13:00 UTC, on a minute boundary
 
@@ -251,6 +254,21 @@ class TestKeyAndTenantLimits:
         assert (await store.admit(ticket(tenant + 1, tenant=one))).granted
 
 
+class TestOrderOfChecks:
+    async def test_concurrency_is_reported_before_rpm(self, store: Store, tenant: int) -> None:
+        limits = Limits(rpm=1, concurrent=1)
+        first = ticket(tenant, tenant=limits)
+        a = await store.admit(first)
+        assert (await store.admit(ticket(tenant, tenant=limits))).denial is Denial.CONCURRENCY
+        await store.settle(settlement(first, a, 10, 10))
+        assert (await store.admit(ticket(tenant, tenant=limits))).denial is Denial.RPM
+
+    async def test_tpm_is_reported_before_an_exhausted_budget(self, store: Store, tenant: int) -> None:
+        t = ticket(tenant, tenant=Limits(tpm=50), budget=Budget(daily=100), prompt=40, completion=40)
+        a = await store.admit(t, seeds={Period.DAILY: 100})
+        assert a.denial is Denial.TPM
+
+
 class TestDeniedConsumesNothing:
     async def test_a_tpm_denial_takes_no_slot_no_request_and_no_budget(
         self, harness: Harness, store: Store, tenant: int
@@ -424,6 +442,55 @@ class TestBudget:
         assert await harness.counter(seed, Period.TOTAL) == 2050
 
 
+class TestFakeMatchesRedis:
+    async def test_a_random_workload_gets_identical_answers(self, redis_url: str) -> None:
+        redis, fake = Redis.from_url(redis_url), FakeHarness()
+        real = RedisHarness(redis)
+        rng, tenant, now = random.Random(20260921), uuid.uuid4().int % 10**9, MINUTE
+        tenant_limits = Limits(rpm=7, tpm=3500, concurrent=6)
+        keys = {1: (Limits(rpm=4, tpm=1800, concurrent=4), Budget(daily=20_000, total=60_000)),
+                2: (Limits(), Budget())}
+        in_flight: list[tuple[Ticket, Admission]] = []
+        try:
+            for _ in range(600):
+                now += rng.choice([0, 0.001, 0.2, 0.5, 1, 3, 20])
+                roll = rng.random()
+                if roll < 0.5:
+                    key_id = rng.choice([1, 2])
+                    key_limits, budget = keys[key_id]
+                    t = ticket(tenant, key_id=key_id, now=now, key=key_limits, tenant=tenant_limits,
+                               budget=budget, prompt=rng.randint(0, 200), completion=rng.randint(0, 300))
+                    answers = [await h.store.admit(t) for h in (fake, real)]
+                    assert answers[0] == answers[1]
+                    if answers[0].missing_periods:
+                        caps = budget.caps()
+                        seeds = {p: rng.randint(0, caps[p]) for p in answers[0].missing_periods}
+                        answers = [await h.store.admit(t, seeds) for h in (fake, real)]
+                        assert answers[0] == answers[1]
+                    if answers[0].granted:
+                        in_flight.append((t, answers[0]))
+                elif roll < 0.8 and in_flight:
+                    t, a = in_flight.pop(rng.randrange(len(in_flight)))
+                    done = settlement(t, a, rng.randint(0, 500), rng.randint(0, 700))
+                    for h in (fake, real):
+                        await h.store.settle(done)
+                elif roll < 0.9 and in_flight:
+                    t, a = in_flight.pop(rng.randrange(len(in_flight)))
+                    for h in (fake, real):
+                        await h.store.release(t, t.prompt_tokens + a.completion_tokens)
+                elif roll < 0.98:
+                    for h in (fake, real):
+                        await h.store.renew([t for t, _ in in_flight], now)
+                else:
+                    for h in (fake, real):
+                        await h.flush(tenant)
+                probe = ticket(tenant, key_id=1, now=now, budget=keys[1][1])
+                for period in keys[1][1].caps():
+                    assert await fake.counter(probe, period) == await real.counter(probe, period)
+        finally:
+            await redis.aclose()
+
+
 class TestRedisRoundTrips:
     async def test_admit_is_exactly_one_evalsha(self, redis_url: str) -> None:
         # The monitor gets a client of its own, so the store keeps its one warm connection.
@@ -449,6 +516,23 @@ class TestRedisRoundTrips:
         assert _calls(after, "evalsha") - _calls(before, "evalsha") == 1
         assert _calls(after, "script|load") == _calls(before, "script|load")
         assert _calls(after, "eval") == _calls(before, "eval")
+
+    async def test_a_flushed_script_cache_is_reloaded(self, redis_url: str) -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            store = RedisAdmission(redis)
+            await redis.script_flush()
+            assert (await store.admit(ticket(uuid.uuid4().int % 10**9, tenant=Limits(rpm=1)))).granted
+        finally:
+            await redis.aclose()
+
+    async def test_an_unreachable_redis_fails_closed(self) -> None:
+        redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+        try:
+            with pytest.raises(DependencyUnavailable):
+                await RedisAdmission(redis).admit(ticket(1, tenant=Limits(rpm=1)))
+        finally:
+            await redis.aclose()
 
     async def test_keys_of_one_decision_share_the_tenant_hash_tag(self, redis_url: str) -> None:
         redis = Redis.from_url(redis_url)

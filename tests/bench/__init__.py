@@ -1,0 +1,3 @@
+"""Benchmarks (not tests): run them as modules, e.g. `python -m tests.bench.bench_gateway`."""
+
+from __future__ import annotations
