@@ -110,5 +110,8 @@ def _denied(admission: Admission, principal: Principal, headers: dict[str, str])
     limit = {Denial.CONCURRENCY: limits.concurrent, Denial.RPM: limits.rpm, Denial.TPM: limits.tpm}.get(
         admission.denial or Denial.RPM)
     text = _DENIAL_TEXT.get(admission.denial or Denial.RPM, "Rate limit exceeded.")
+    if not admission.should_retry:
+        text += " This request can never fit: waiting will not help."
     return RateLimitExceeded(text.format(who="key or its tenant", limit=limit),
-                             retry_after_s=max(admission.retry_after_s, 1.0), headers=headers)
+                             retry_after_s=max(admission.retry_after_s, 1.0),
+                             should_retry=None if admission.should_retry else False, headers=headers)

@@ -11,7 +11,9 @@ import attrs
 from gateway_core.budget import Budget, Period
 from gateway_core.errors import AdminError
 from gateway_core.limits import Limits
-from gateway_core.models import AdminEvent, KeyRecord, KeyStatus, Tenant, Usage
+from gateway_core.models import AdminEvent, Catalog, KeyRecord, KeyStatus, Principal, Tenant, Usage
+from gateway_core.ports import NEGATIVE, LedgerEntry
+from tests.fake_admission import InMemoryAdmission as InMemoryAdmission
 
 
 class FrozenClock:
@@ -120,3 +122,84 @@ class InMemoryTenantStore:
                 total = Usage(total.requests + u.requests, total.tokens_in + u.tokens_in,
                               total.tokens_out + u.tokens_out)
         return total
+
+
+
+class InMemoryLedger:
+    """The ledger as a list; `used` sums what was recorded, like Postgres plus the pending queue."""
+
+    def __init__(self) -> None:
+        self.entries: list[LedgerEntry] = []
+
+    def record(self, entry: LedgerEntry) -> None:
+        self.entries.append(entry)
+
+    async def used(self, key_id: int, starts: dict[Period, date]) -> dict[Period, int]:
+        return {p: sum(e.tokens_in + e.tokens_out for e in self.entries
+                       if e.key_id == key_id and p.start(e.at) == s) for p, s in starts.items()}
+
+
+class InMemoryKeyCache:
+    def __init__(self) -> None:
+        self.entries: dict[str, Principal | str] = {}
+        self.evictions = 0
+
+    def mark(self) -> int:
+        return self.evictions
+
+    async def get(self, digest: str) -> Principal | str | None:
+        return self.entries.get(digest)
+
+    async def put(self, digest: str, principal: Principal, mark: int) -> None:
+        if mark == self.evictions:
+            self.entries[digest] = principal
+
+    async def put_negative(self, digest: str) -> None:
+        self.entries.setdefault(digest, NEGATIVE)
+
+    def evict_prefix(self, prefix: str) -> None:
+        self.evictions += 1
+        self.entries = {d: p for d, p in self.entries.items()
+                        if not (isinstance(p, Principal) and p.key_prefix == prefix)}
+
+
+class InMemoryAuthFailures:
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.seen: dict[str, list[float]] = defaultdict(list)
+
+    async def blocked_for(self, client_ip: str, now: float) -> float | None:
+        recent = [t for t in self.seen[client_ip] if t > now - 60]
+        return recent[0] + 60 - now if len(recent) >= self.per_minute else None
+
+    async def record(self, client_ip: str, now: float) -> None:
+        self.seen[client_ip].append(now)
+
+
+class InMemoryPrincipalSource:
+    """Keys by prefix with their hash; `lookups` counts how often the slow path ran."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[str, Principal]] = {}
+        self.lookups = 0
+
+    async def principal_by_prefix(self, prefix: str) -> tuple[str, Principal] | None:
+        self.lookups += 1
+        return self.keys.get(prefix)
+
+
+class SwitchableFeed:
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+
+    def trusted(self) -> bool:
+        return self.up
+
+
+class StaticCatalog:
+    def __init__(self, names: list[str] | None, expires_at: float = float("inf")) -> None:
+        self.catalog = None if names is None else Catalog(version=1, names=tuple(names))
+        self.expires_at = expires_at
+
+    def current(self, now: float) -> Catalog | None:
+        return self.catalog if now < self.expires_at else None

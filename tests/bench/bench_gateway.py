@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.services import PrivatePostgres, PrivateRedis, free_port
+
 REPO = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CAVEAT = ("All processes share this machine's {cores} core(s): the load generator, the fake Ollama, Redis, "
@@ -288,8 +290,8 @@ class Stack:
     workdir: Path
     coalesce: bool
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    redis: Any = None
-    postgres: Any = None
+    redis: SessionRedis | None = None
+    postgres: PrivatePostgres | None = None
     fake: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
     fake_port: int = 0
@@ -300,9 +302,8 @@ class Stack:
     fake_log: Path = Path()
 
     def start(self) -> None:
-        from tests.services import PrivatePostgres, PrivateRedis, free_port
-
-        self.redis = PrivateRedis().start()
+        self.redis = SessionRedis()
+        self.redis.start()
         self.postgres = PrivatePostgres()
         self.postgres.init()
         self.postgres.start()
@@ -375,11 +376,25 @@ class Stack:
             if not ok:
                 raise RuntimeError(f"{name}: unexpected answer through the gateway: {raw[:300]!r}")
 
+    def assert_alive(self) -> None:
+        """A service that died mid-run makes every later number meaningless: stop with its name."""
+        for name, proc in (("gateway", self.gateway), ("fake Ollama", self.fake),
+                           ("redis-server", self.redis.proc if self.redis else None)):
+            if proc is None or proc.poll() is not None:
+                code = proc.returncode if proc is not None else "never started"
+                raise RuntimeError(f"{name} is not running any more (exit {code})")
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(self.postgres_pid(), 0)
+            return
+        raise RuntimeError("PostgreSQL is not running any more")
+
     def postgres_pid(self) -> int:
+        assert self.postgres is not None
         return int((self.postgres.data / "postmaster.pid").read_text().split()[0])
 
     def cpu_snapshot(self) -> dict[str, float]:
         assert self.gateway is not None and self.fake is not None
+        assert self.redis is not None and self.redis.proc is not None
         return {"gateway": proc_cpu_s(self.gateway.pid), "fake": proc_cpu_s(self.fake.pid),
                 "redis": proc_cpu_s(self.redis.proc.pid), "postgres": tree_cpu_s(self.postgres_pid()),
                 "loadgen": reaped_children_cpu_s(), "machine_busy": machine_busy_s()}
@@ -401,13 +416,23 @@ class Stack:
                 self.postgres.destroy()
 
 
-def _migrate(url: str) -> None:
-    import logging
+class SessionRedis(PrivateRedis):
+    """PrivateRedis in a session of its own: a Ctrl-C on the terminal reaches only the bench, which
+    then stops everything in order (the gateway first, while its Redis and PostgreSQL still answer)."""
 
+    def start(self) -> SessionRedis:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port(self.port, self.proc, 10, "redis-server")
+        return self
+
+
+def _migrate(url: str) -> None:
     from entrypoints.migrate import upgrade_to_head
 
     upgrade_to_head(url)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 async def _provision(database_url: str, redis_url: str) -> str:
@@ -470,6 +495,7 @@ class Bench:
         load = self.load(scenario, target, connections, duration_s)
         if target == "gateway":
             time.sleep(SETTLE_S)
+        self.stack.assert_alive()
         after, wall = self.stack.cpu_snapshot(), time.monotonic() - t0
         if spy is not None:
             # py-spy writes its profile when its -d duration ends (or on SIGINT, not on SIGTERM).
@@ -581,6 +607,11 @@ def report(bench: Bench, meta: dict[str, Any], memory: dict[str, dict[str, int]]
         "other cores: CPU used on the machine by processes outside this bench (max of the two phases).",
         "",
     ]
+    failed = [f"{p.scenario}/{p.target}/c{p.connections}: {p.load.errors}" for p in bench.phases
+              if p.load.errors]
+    if failed:
+        lines += ["FAILED: some requests did not succeed, so these numbers are not valid:",
+                  *(f"  {item}" for item in failed), ""]
     noisy = max(p.foreign_busy_cores for p in bench.phases)
     if noisy > 0.1:
         lines += [f"WARNING: other processes used up to {noisy:.2f} cores during the measurements; "
@@ -630,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     c_lat, c_thr = 1, args.connections
+    # Ctrl-C must stop the bench even when it was started with SIGINT ignored (e.g. `make bench &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="nz-bench-"))
     stack = Stack(workdir=workdir, coalesce=args.coalesce)
     started = time.monotonic()
@@ -694,12 +727,13 @@ def main(argv: list[str] | None = None) -> int:
                     for p in bench.phases if p.target == "gateway"},
                 "gateway_memory_kib": memory,
             }
+            failed = any(p.load.errors for p in bench.phases)
             if args.json is not None:
                 args.json.write_text(json.dumps(
                     {"meta": meta, "summary": summary, "phases": [asdict(p) for p in bench.phases]},
                     indent=2) + "\n", encoding="utf-8")
                 print(f"JSON written to {args.json}")
-            return 0
+            return 1 if failed else 0
     except (KeyboardInterrupt, _Stop):
         print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)
         return 130
