@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from typing import Any
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+# Keys, Authorization values and key hashes never reach a log line (SPEC §3.1, §8.1). The gateway's
+# own events never carry them, but library messages can quote raw request bytes: aiohttp's error for
+# a malformed header line repeats that line, so `Authorization: Bearer nz_…` plus one bad byte would
+# otherwise be logged in full. So every string of every event is scrubbed just before rendering.
+_SECRETS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # The rest of an Authorization header line, as a parser error or a headers repr quotes it (the
+    # line ends at a real line break or at an escaped one inside a bytes repr).
+    (re.compile(r"(?i)(\b(?:proxy-)?authorization['\"]?\s*[:=])(?:(?!\\[rn])[^\r\n])*"), r"\1 [redacted]"),
+    (re.compile(r"(?i)\bbearer\b(?:\s+[^\s'\"\\,;]+)?"), "[redacted]"),
+    (re.compile(r"(?i)\bbasic\s+[A-Za-z0-9+/=_-]{8,}"), "[redacted]"),
+    (re.compile(r"\$argon2[a-z]*\$[A-Za-z0-9+/=$,.-]*"), "[redacted]"),
+    # A key is `nz_` + 43 characters; its 12-character prefix is not secret and stays for correlation.
+    (re.compile(r"(nz_[A-Za-z0-9_-]{9})[A-Za-z0-9_-]+"), r"\1[redacted]"),
+)
+
+
+def scrub(text: str) -> str:
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: Any) -> Any:
+    # Keys starting with "_" are structlog's own bookkeeping (the LogRecord), removed before rendering.
+    return {k: v if k.startswith("_") else _scrubbed(v) for k, v in event_dict.items()}
 
 
 def configure_logging(log_format: str, log_level: str) -> None:
@@ -20,8 +58,11 @@ def configure_logging(log_format: str, log_level: str) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # Exceptions become text here (not a repr of the exception and its traceback object) so that the
+    # scrubber sees exactly what will be written; it must stay the last step before the renderer.
+    final: list[structlog.types.Processor] = [structlog.processors.format_exc_info, redact_secrets]
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, *final, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
@@ -29,7 +70,7 @@ def configure_logging(log_format: str, log_level: str) -> None:
     # Library and adapter warnings (stdlib logging) come out in the same format and stream.
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processor=renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared]))
+        processor=renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, *final]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.INFO))

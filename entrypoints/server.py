@@ -19,8 +19,9 @@ SHUTDOWN_GRACE_S = 30.0
 async def run(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     app = build_app(settings)
+    # handler_cancellation: a caller who hangs up before the first byte also stops the upstream.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S,
-                           handle_signals=False)
+                           handle_signals=False, handler_cancellation=True)
     await runner.setup()
     metrics_runner = web.AppRunner(metrics_app(app[METRICS], lambda: app[REFRESH_GAUGES]()),
                                    access_log=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import datetime
@@ -78,7 +79,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             if stream:
                 return await _stream(request, svc, ex, op, grant, up, body)
             raw = await up.read()
-            usage = usage_of(op, json.loads(raw)) or (prompt_estimate, 0)
+            try:
+                answer = json.loads(raw)
+            except ValueError:
+                raise UpstreamUnavailable(retry_after_s=1.0) from None
+            usage = usage_of(op, answer) or (prompt_estimate, 0)
             await _settle(svc, ex, grant, *usage)
             if ex.prompt_text is not None:
                 ex.response_text = raw.decode("utf-8", "replace")
@@ -88,9 +93,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             await svc.breaker.record(False)
         exc.headers.update(ex.headers)
         raise
+    except asyncio.CancelledError:
+        # The caller hung up while the model was working: its prompt was processed, so charge it.
+        if not grant.settled:
+            await asyncio.shield(_settle(svc, ex, grant, prompt_estimate, 0))
+        raise
     finally:
         if not grant.settled:
-            await svc.metering.release(grant)
+            # Shielded: a caller who hangs up must not leave its slot and reservation taken.
+            await asyncio.shield(svc.metering.release(grant))
 
 
 async def _upstream_failure(svc: Services, status: int, up: Any) -> GatewayError:
@@ -131,6 +142,9 @@ async def _stream(request: web.Request, svc: Services, ex: Exchange, op: Operati
         await out.write_eof()
     except (ClientGone, ConnectionError):
         result.client_gone = True
+    except asyncio.CancelledError:
+        result.client_gone = True
+        raise
     finally:
         # Charged: the upstream's count when it arrived, else the prompt estimate and one token per
         # relayed chunk (SPEC §6.2), also for streams cut by the caller or by the upstream.
@@ -148,7 +162,7 @@ async def _stream(request: web.Request, svc: Services, ex: Exchange, op: Operati
 
 async def _settle(svc: Services, ex: Exchange, grant: Grant, prompt: int, completion: int) -> None:
     ex.tokens_in, ex.tokens_out = prompt, completion
-    await svc.metering.settle(grant, prompt, completion)
+    await asyncio.shield(svc.metering.settle(grant, prompt, completion))
 
 
 def _owned_by(name: str) -> str:

@@ -41,6 +41,7 @@ class ChangeListener:
         self._ready = asyncio.Event()
         self._last_revocation_id: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.on_ready: Callable[[], Awaitable[None]] | None = None
         self.connections = 0
 
@@ -54,14 +55,23 @@ class ChangeListener:
             await asyncio.wait_for(self._ready.wait(), wait_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
+        # Cancelling inside psycopg's notifies() can wedge the connection's close; ask the loop to
+        # end after its current wait instead, and cancel only as a last resort.
+        self._stopping = True
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self._probe_every_s * 3)
+        except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 1.0)
+        except (psycopg.Error, OSError):
+            pass
 
     async def _run(self) -> None:
         delay = 0.05
-        while True:
+        while not self._stopping:
             connected_before = self.connections
             try:
                 await self._listen()
@@ -91,7 +101,7 @@ class ChangeListener:
             self.connections += 1
             self._trusted = True
             self._ready.set()
-            while True:
+            while not self._stopping:
                 async for note in conn.notifies(timeout=self._probe_every_s):
                     await self._apply(note.channel, note.payload)
                 # A quiet connection may be a dead one; only a round trip tells.

@@ -10,15 +10,14 @@ from redis.asyncio import Redis
 from adapters.redis.errors import redis_guard
 
 _WINDOW_S = 60
-# Two fixed buckets weighted by overlap approximate a sliding minute with two counters per IP.
+# Two fixed buckets weighted by overlap approximate a sliding minute with two counters per IP; the
+# script reads both (this bucket's and the previous one's) in one round trip.
 _SCRIPT = """
 local now = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
 local bucket = math.floor(now / 60)
 local cur = tonumber(redis.call('GET', KEYS[1] .. bucket) or '0')
 local prev = tonumber(redis.call('GET', KEYS[1] .. (bucket - 1)) or '0')
-local weight = 1 - (now - bucket * 60) / 60
-return tostring(cur + prev * weight)
+return {tostring(cur), tostring(prev)}
 """
 
 
@@ -34,12 +33,22 @@ class RedisAuthFailures:
         self._estimate = redis.register_script(_SCRIPT)
 
     async def blocked_for(self, client_ip: str, now: float) -> float | None:
+        """Seconds until the estimate drops below the limit again, or None when not blocked."""
         async with redis_guard():
-            seen = float(await self._estimate(keys=[_ip_key(client_ip)], args=[now, self._limit]))
-        if seen < self._limit:
+            cur, prev = (float(v) for v in await self._estimate(keys=[_ip_key(client_ip)], args=[now]))
+        limit = self._limit
+        elapsed = now - math.floor(now / _WINDOW_S) * _WINDOW_S
+        if cur + prev * (1 - elapsed / _WINDOW_S) < limit:
             return None
-        bucket_end = (math.floor(now / _WINDOW_S) + 1) * _WINDOW_S
-        return max(1.0, bucket_end - now)
+        # The wait must be honest: a caller that waits Retry-After must not be refused again.
+        if cur < limit:
+            # The previous bucket's share fades during this one: prev * (1 - t/60) + cur < limit.
+            unblocked_at = _WINDOW_S * (1 - (limit - cur) / prev)
+        else:
+            # This bucket becomes the previous one and has to fade in the next: cur * (1 - t/60) < limit.
+            unblocked_at = _WINDOW_S + _WINDOW_S * (1 - limit / cur)
+        # The estimate must drop strictly below the limit: a hair past the exact moment.
+        return max(1.0, unblocked_at - elapsed + 0.001)
 
     async def record(self, client_ip: str, now: float) -> None:
         name = _ip_key(client_ip) + str(math.floor(now / _WINDOW_S))

@@ -245,7 +245,8 @@ class LoadGenerator:
             version = subprocess.run([str(self.wrk), "-v"], capture_output=True, text=True, check=False)
             first = (version.stdout or version.stderr).splitlines()
             return first[0].split(" [")[0].strip() if first else "wrk (unknown version)"
-        return "python aiohttp load generator (tests.bench.loadgen; wrk not installed)"
+        why = "wrk not installed" if self.wrk is None else "--loadgen python"
+        return f"python aiohttp load generator (tests.bench.loadgen; {why})"
 
     def run(self, port: int, path: str, body: dict[str, Any], auth: str | None, connections: int,
             duration_s: float) -> LoadResult:

@@ -32,7 +32,8 @@ class Gateway:
         return self.url + "/v1"
 
     async def key(
-        self, *, models: tuple[str, ...] = ("llama3.1:8b", "nomic-embed-text:latest"), allow_all: bool = False,
+        self, *, models: tuple[str, ...] = ("llama3.1:8b", "nomic-embed-text:latest"),
+        allow_all: bool = False,
         scopes: frozenset[Scope] = ALL_SCOPES, tenant_limits: Limits | None = None,
         key_limits: Limits | None = None, budget: dict[str, int] | None = None, tenant: str | None = None,
         prompt_log: bool = False,
@@ -72,7 +73,7 @@ async def running_gateway(settings: Settings, fake: FakeOllama, *, flush_redis: 
         await client.flushdb()
         await client.aclose()
     app = build_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, settings.gateway_host, settings.gateway_port).start()
     try:

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from gateway_core.limits import Limits
 from tests.e2e.harness import Gateway, gateway_settings
-from tests.fake_ollama import FakeOllama, count_chat_prompt_tokens
+from tests.fake_ollama import count_chat_prompt_tokens
 from tests.services import free_port
 
 CHAT = "/v1/chat/completions"
@@ -61,7 +61,8 @@ class TestRateLimits:
         assert first["X-RateLimit-Reset-Requests"].endswith("s")
         assert '"rpm";q=5;w=60' in first["RateLimit-Policy"]
         status, headers, body = denied
-        assert body["error"]["code"] == "rate_limit_exceeded" and "5 requests per minute" in body["error"]["message"]
+        assert body["error"]["code"] == "rate_limit_exceeded"
+        assert "5 requests per minute" in body["error"]["message"]
         assert int(headers["Retry-After"]) >= 1 and int(headers["retry-after-ms"]) >= 1
         assert headers["X-RateLimit-Remaining-Requests"] == "0" and "X-Request-Id" in headers
 
@@ -107,7 +108,8 @@ class TestRateLimits:
             streams[1].close()  # the other caller walks away mid-stream
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + 3
-            while (status := (await _post(http, gateway.url, secret))[0]) != 200 and time.monotonic() < deadline:
+            while (status := (await _post(http, gateway.url, secret))[0]) != 200 \
+                    and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             assert status == 200
             both = await asyncio.gather(_post(http, gateway.url, secret), _post(http, gateway.url, secret))
@@ -169,7 +171,8 @@ class TestBudgets:
         assert overspend <= 0
         requests, tokens_in, tokens_out = await _ledger(gateway, prefix)
         assert (requests, tokens_in + tokens_out) == (len(ok), charged)
-        assert count_chat_prompt_tokens([{"role": "user", "content": content}]) == ok[0]["usage"]["prompt_tokens"]
+        expected_prompt = count_chat_prompt_tokens([{"role": "user", "content": content}])
+        assert expected_prompt == ok[0]["usage"]["prompt_tokens"]
 
     async def test_a_request_beyond_the_allowance_is_capped_and_the_headers_never_go_negative(
         self, gateway: Gateway
@@ -247,7 +250,8 @@ class TestUsage:
                                                         period, env=env, stdout=subprocess.PIPE)
             stdout, _ = await proc.communicate()
             out = stdout.decode().split()
-            assert proc.returncode == 0 and out == [f"requests={told[0]}", f"tokens_in={told[1]}", f"tokens_out={told[2]}"]
+            assert proc.returncode == 0
+            assert out == [f"requests={told[0]}", f"tokens_in={told[1]}", f"tokens_out={told[2]}"]
 
 
 class TestRedisRoundTrips:

@@ -77,7 +77,8 @@ class TestTenantsAndKeys:
         key, prefix = pairs["key"], pairs["prefix"]
         assert re.fullmatch(r"nz_[A-Za-z0-9_-]{43}", key) and len(key) == 46
         assert prefix == key[:12] and len(prefix) == 12
-        (hashed,) = db.execute("SELECT key_hash FROM gateway.api_keys WHERE prefix = %s", (prefix,)).fetchone()
+        (hashed,) = db.execute("SELECT key_hash FROM gateway.api_keys WHERE prefix = %s",
+                               (prefix,)).fetchone()
         assert str(hashed).startswith("$argon2id$v=19$m=19456,t=2,p=1$")
         tables = [r[0] for r in db.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'gateway'")]
@@ -145,7 +146,9 @@ class TestRevocation:
 
 
 class TestLimitsBudgetsModelsPromptLog:
-    def test_set_limits_for_tenant_and_key_with_none_clearing_a_key_value(self, cli: RunCli, db: Conn) -> None:
+    def test_set_limits_for_tenant_and_key_with_none_clearing_a_key_value(
+        self, cli: RunCli, db: Conn
+    ) -> None:
         tenant = _tenant(cli)
         prefix = _key(cli, tenant, "--rpm", "5")["prefix"]
         res = cli("set-limits", "--tenant", tenant, "--rpm", "60", "--concurrent", "2")

@@ -27,7 +27,8 @@ from tests.fakes import (
 
 def _principal(prefix: str, **kw: object) -> Principal:
     base: dict[str, object] = dict(key_id=1, key_prefix=prefix, tenant_id=7, tenant_name="acme",
-                                   scopes=frozenset(Scope), key_limits=Limits(), tenant_limits=Limits(1, 2, 3),
+                                   scopes=frozenset(Scope), key_limits=Limits(),
+                                   tenant_limits=Limits(1, 2, 3),
                                    allowed_models=("llama3.1:8b",))
     base.update(kw)
     return Principal(**base)  # type: ignore[arg-type]
