@@ -78,19 +78,33 @@ class TieredKeyCache:
             await self._redis.set(_ENTRY + digest, _NEGATIVE_VALUE, px=int(self._negative_ttl_s * 1000),
                                   nx=True)
 
+    # Every eviction forgets the in-process copy twice: before the Redis copy is deleted and again
+    # after. A get() that read the Redis copy before the delete landed may copy it in meanwhile (it
+    # took its mark after the first step, so it does not look stale) or only afterwards; the second
+    # step removes the first kind and moves the mark past the second. Forgetting only once left a
+    # revoked key or old limits in process until KEY_CACHE_TTL_S.
+
     async def evict_prefix(self, prefix: str) -> None:
+        self._forget_prefix(prefix)
+        await self._drop_index(_BY_PREFIX + prefix)
+        self._forget_prefix(prefix)
+
+    async def evict_tenant(self, tenant_id: int) -> None:
+        self._forget_tenant(tenant_id)
+        await self._drop_index(_BY_TENANT + str(tenant_id))
+        self._forget_tenant(tenant_id)
+
+    def _forget_prefix(self, prefix: str) -> None:
         self._seq += 1
         self._evicted_prefix[prefix] = self._seq
         for digest in [d for d, (_, p) in self._local.items() if p.key_prefix == prefix]:
             self._local.pop(digest, None)
-        await self._drop_index(_BY_PREFIX + prefix)
 
-    async def evict_tenant(self, tenant_id: int) -> None:
+    def _forget_tenant(self, tenant_id: int) -> None:
         self._seq += 1
         self._evicted_tenant[tenant_id] = self._seq
         for digest in [d for d, (_, p) in self._local.items() if p.tenant_id == tenant_id]:
             self._local.pop(digest, None)
-        await self._drop_index(_BY_TENANT + str(tenant_id))
 
     def forget_local(self) -> None:
         """Drop the in-process copy only (it refills from Redis)."""
@@ -101,6 +115,10 @@ class TieredKeyCache:
     async def evict_all(self) -> None:
         """After the change feed missed notifications, nothing cached can be trusted."""
         self.forget_local()
+        await self._drop_all_redis()
+        self.forget_local()  # see the note above evict_prefix
+
+    async def _drop_all_redis(self) -> None:
         async with redis_guard():
             batch: list[bytes] = []
             async for name in self._redis.scan_iter(match="gw:key*", count=500):

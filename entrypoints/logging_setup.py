@@ -16,9 +16,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 # a malformed header line repeats that line, so `Authorization: Bearer nz_…` plus one bad byte would
 # otherwise be logged in full. So every string of every event is scrubbed just before rendering.
 _SECRETS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # The rest of an Authorization header line, as a parser error or a headers repr quotes it (the
-    # line ends at a real line break or at an escaped one inside a bytes repr).
-    (re.compile(r"(?i)(\b(?:proxy-)?authorization['\"]?\s*[:=])(?:(?!\\[rn])[^\r\n])*"), r"\1 [redacted]"),
+    # Everything after an Authorization header name up to the end of the text line, as a parser error
+    # or a headers repr quotes it (a folded continuation inside a bytes repr goes with it).
+    (re.compile(r"(?i)(\b(?:proxy-)?authorization['\"]?\s*[:=])[^\r\n]*"), r"\1 [redacted]"),
     (re.compile(r"(?i)\bbearer\b(?:\s+[^\s'\"\\,;]+)?"), "[redacted]"),
     (re.compile(r"(?i)\bbasic\s+[A-Za-z0-9+/=_-]{8,}"), "[redacted]"),
     (re.compile(r"\$argon2[a-z]*\$[A-Za-z0-9+/=$,.-]*"), "[redacted]"),

@@ -129,16 +129,15 @@ async def _stream(request: web.Request, svc: Services, ex: Exchange, op: Operati
     out = web.StreamResponse(status=200, headers={
         **ex.headers, "X-Request-Id": ex.request_id, "Cache-Control": "no-cache",
         "Content-Type": "text/event-stream" if sse else "application/x-ndjson"})
-    collect = ex.prompt_text is not None
-    result = StreamResult()
+    result = StreamResult(text=[] if ex.prompt_text is not None else None)
     try:
         await out.prepare(request)
         if sse:
             options = body.get("stream_options")
             wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-            result = await relay_sse(up, out, caller_wants_usage=wants_usage, collect_text=collect)
+            await relay_sse(up, out, result, caller_wants_usage=wants_usage)
         else:
-            result = await relay_ndjson(up, out, collect_text=collect)
+            await relay_ndjson(up, out, result)
         await out.write_eof()
     except (ClientGone, ConnectionError):
         result.client_gone = True
@@ -151,12 +150,13 @@ async def _stream(request: web.Request, svc: Services, ex: Exchange, op: Operati
         prompt = result.prompt_tokens if result.prompt_tokens is not None else grant.ticket.prompt_tokens
         completion = (result.completion_tokens if result.completion_tokens is not None
                       else estimate_chunks(result.chunks))
-        await _settle(svc, ex, grant, prompt, completion)
         if result.text is not None:
             ex.response_text = "".join(result.text)
-        ex.status = 499 if result.client_gone else 502 if result.failed else 200
-        if result.failed and not result.client_gone:
+        # Everything the audit needs is set before the await: a cancelled caller interrupts it.
+        ex.status = 502 if result.failed else 499 if result.client_gone else 200
+        if result.failed:
             await svc.breaker.record(False)
+        await _settle(svc, ex, grant, prompt, completion)
     return out
 
 

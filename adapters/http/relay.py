@@ -7,6 +7,7 @@ carry usage are parsed. A stream that ends without its normal end gets the route
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -40,47 +41,67 @@ async def _send(out: web.StreamResponse, data: bytes) -> None:
 
 
 _DONE = b"[DONE]"
-_USAGE_ONLY = b'"choices":[]'
 # Ollama's /v1 layer turns a mid-stream native error into one blank chunk with an empty model, then
 # closes without [DONE] (reference §2.3). Inside a JSON string the quotes would be escaped, so these
 # bytes can only be the chunk's own `model` field.
 _ERROR_STAND_IN = b'"model":""'
 
 
-async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, *, caller_wants_usage: bool,
-                    collect_text: bool = False) -> StreamResult:
-    result = StreamResult(text=[] if collect_text else None)
-    data: list[bytes] = []
+async def _arrivals(up: aiohttp.ClientResponse, separator: bytes) -> AsyncIterator[list[bytes]]:
+    """Complete frames, grouped as they arrived: one group per network read, so that frames which
+    came together are relayed in one write (fewer syscalls than a write per frame)."""
+    pending = b""
+    async for piece in up.content.iter_any():
+        if b"\r" in piece:
+            piece = piece.replace(b"\r\n", b"\n")
+        pending += piece
+        if separator not in pending:
+            continue
+        *frames, pending = pending.split(separator)
+        yield frames
+    if pending.strip():
+        yield [pending]
+
+
+async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult, *,
+                    caller_wants_usage: bool) -> None:
+    """Relay into *result* as it goes, so a caller who is cancelled midway still knows what was sent."""
     try:
-        async for raw in up.content:
-            line = raw.rstrip(b"\r\n")
-            if line:
-                if line.startswith(b"data:"):
-                    data.append(line[6:] if line[5:6] == b" " else line[5:])
-                continue  # comments, event names and ids are not part of Ollama's framing
-            if not data:
-                continue
-            payload = b"\n".join(data)
-            data.clear()
-            if payload == _DONE:
-                result.completed = True
-                await _send(out, b"data: [DONE]\n\n")
+        async for frames in _arrivals(up, b"\n\n"):
+            batch: list[bytes] = []
+            stop = False
+            for frame in frames:
+                # Only `data:` lines carry anything; comments, event names and ids are not in
+                # Ollama's framing.
+                data = [ln[6:] if ln[5:6] == b" " else ln[5:]
+                        for ln in frame.split(b"\n") if ln.startswith(b"data:")]
+                if not data:
+                    continue
+                payload = data[0] if len(data) == 1 else b"\n".join(data)
+                if payload == _DONE:
+                    result.completed = True
+                    batch.append(b"data: [DONE]\n\n")
+                    stop = True
+                    break
+                if _ERROR_STAND_IN in payload:
+                    stop = True  # not content: neither relayed nor charged; our error frame replaces it
+                    break
+                payload = _usage_from_sse(payload, result, caller_wants_usage)
+                if payload is None:
+                    continue
+                result.chunks += 1
+                if result.text is not None:
+                    _collect_sse_text(payload, result.text)
+                batch.append(b"data: " + payload + b"\n\n")
+            if batch:
+                await _send(out, b"".join(batch))
+            if stop:
                 break
-            if _ERROR_STAND_IN in payload:
-                break  # not content: neither relayed nor charged; our error frame below replaces it
-            payload = _usage_from_sse(payload, result, caller_wants_usage)
-            if payload is None:
-                continue
-            result.chunks += 1
-            if result.text is not None:
-                _collect_sse_text(payload, result.text)
-            await _send(out, b"data: " + payload + b"\n\n")
     except (aiohttp.ClientError, TimeoutError, ValueError):
         pass
     if not result.completed:
         result.failed = True
         await _send(out, b"data: " + error_bytes(_midstream_error()) + b"\n\n")
-    return result
 
 
 def _usage_from_sse(payload: bytes, result: StreamResult, caller_wants_usage: bool) -> bytes | None:
@@ -114,35 +135,41 @@ def _collect_sse_text(payload: bytes, sink: list[str]) -> None:
         pass
 
 
-async def relay_ndjson(up: aiohttp.ClientResponse, out: web.StreamResponse, *,
-                       collect_text: bool = False) -> StreamResult:
-    result = StreamResult(text=[] if collect_text else None)
+async def relay_ndjson(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult) -> None:
     try:
-        async for raw in up.content:
-            line = raw.strip()
-            if not line:
-                continue
-            if line.startswith(b'{"error"'):
-                break  # the upstream's own message may name hosts; ours replaces it below
-            if b'"done":true' in line:
-                final = json.loads(line)
-                result.prompt_tokens = int(final.get("prompt_eval_count") or 0)
-                result.completion_tokens = int(final.get("eval_count") or 0)
-                result.completed = True
+        async for lines in _arrivals(up, b"\n"):
+            batch: list[bytes] = []
+            stop = False
+            for raw in lines:
+                line = raw.strip()
+                if not line:
+                    continue
+                if line.startswith(b'{"error"'):
+                    stop = True  # the upstream's own message may name hosts; ours replaces it below
+                    break
+                if b'"done":true' in line:
+                    final = json.loads(line)
+                    result.prompt_tokens = int(final.get("prompt_eval_count") or 0)
+                    result.completion_tokens = int(final.get("eval_count") or 0)
+                    result.completed = True
+                    if result.text is not None:
+                        _collect_native_text(final, result.text)
+                    batch.append(line + b"\n")
+                    stop = True
+                    break
+                result.chunks += 1
                 if result.text is not None:
-                    _collect_native_text(final, result.text)
-                await _send(out, line + b"\n")
+                    _collect_native_text(json.loads(line), result.text)
+                batch.append(line + b"\n")
+            if batch:
+                await _send(out, b"".join(batch))
+            if stop:
                 break
-            result.chunks += 1
-            if result.text is not None:
-                _collect_native_text(json.loads(line), result.text)
-            await _send(out, line + b"\n")
     except (aiohttp.ClientError, TimeoutError, ValueError):
         pass
     if not result.completed:
         result.failed = True
         await _send(out, _ndjson_error_line(_midstream_error()))
-    return result
 
 
 def _ndjson_error_line(exc: UpstreamUnavailable) -> bytes:

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 
 from adapters.redis.auth_failures import RedisAuthFailures
 from entrypoints.app import open_admin
+from gateway_core.admin import KEEP
 from gateway_core.api_keys import cache_digest
 from gateway_core.models import Scope
 from tests.e2e.harness import Gateway, gateway_settings, running_gateway
@@ -414,3 +415,37 @@ async def test_the_retry_after_of_an_auth_block_is_honest(redis_url: str) -> Non
             assert await failures.blocked_for(name, now + retry_after - 1.5) is not None, (name, now, wait)
     finally:
         await client.aclose()
+
+
+async def test_key_changes_land_within_one_second_under_concurrent_traffic(gateway: Gateway) -> None:
+    """Key-level changes take the eviction path revocations take; requests racing it must not copy the
+    old entry back into the process (which kept it there for KEY_CACHE_TTL_S)."""
+    secret, prefix, _ = await gateway.key()
+    stop = asyncio.Event()
+
+    async def limit_seen(http: aiohttp.ClientSession) -> int:
+        async with http.post(gateway.v1 + "/chat/completions", headers=bearer(secret), json=CHAT) as resp:
+            await resp.read()
+            assert resp.status == 200
+            return int(resp.headers["X-RateLimit-Limit-Requests"])
+
+    async with aiohttp.ClientSession() as http, open_admin(gateway.settings, "e2e") as admin:
+        async def traffic() -> None:
+            while not stop.is_set():
+                await limit_seen(http)
+
+        busy = [asyncio.create_task(traffic()) for _ in range(6)]
+        try:
+            for flip in range(12):
+                rpm = 50_000 + flip
+                await asyncio.sleep(0.03)
+                await admin.set_key_limits(prefix, rpm, KEEP, KEEP)
+                changed = time.monotonic()
+                while (seen := await limit_seen(http)) != rpm:
+                    assert time.monotonic() - changed < 1.0, (flip, seen)
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)
+                assert await limit_seen(http) == rpm, flip  # still the new value after the race
+        finally:
+            stop.set()
+            await asyncio.gather(*busy)

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import psycopg
 
+from entrypoints.app import open_admin
 from tests.e2e.harness import Gateway
 
 CLI = str(Path(sys.executable).with_name("neuronetz-gateway"))
@@ -157,6 +158,37 @@ async def test_set_models_from_the_cli_takes_effect_within_one_second(gateway: G
             committed = await last_change_epoch(gateway, "set-models", tenant)
             assert seen[-1][0] - committed < 1.0, (args, seen[-1][0] - committed)
         assert await caller.listed() == ["qwen3:8b"]
+
+
+async def test_model_changes_land_within_one_second_under_concurrent_traffic(gateway: Gateway) -> None:
+    """Requests racing the cache eviction must not copy the old allowlist back into the process."""
+    secret, _, tenant = await gateway.key(models=("llama3.1:8b",))
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as http, open_admin(gateway.settings, "e2e") as admin:
+        caller = Caller(http, gateway, secret)
+
+        async def traffic() -> None:
+            while not stop.is_set():
+                await caller.retrieve("qwen3:8b")
+
+        busy = [asyncio.create_task(traffic()) for _ in range(6)]
+        try:
+            for flip in range(12):
+                allow_all = flip % 2 == 0
+                await asyncio.sleep(0.03)
+                await admin.set_models(tenant, None, allow_all)
+                wanted = 200 if allow_all else 404
+                await within(1.0, lambda wanted=wanted: _retrieves(caller, "qwen3:8b", wanted), every_s=0.01)
+                # ... and it stays that way once the traffic that raced the change has passed.
+                await asyncio.sleep(0.05)
+                assert (await caller.retrieve("qwen3:8b"))[0] == wanted, flip
+        finally:
+            stop.set()
+            await asyncio.gather(*busy)
+
+
+async def _retrieves(caller: Caller, model: str, wanted: int) -> bool:
+    return (await caller.retrieve(model))[0] == wanted
 
 
 async def test_cloud_models_resolve_only_when_named(gateway: Gateway) -> None:
