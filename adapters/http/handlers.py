@@ -13,7 +13,7 @@ from aiohttp import web
 from adapters.http.app import EXCHANGE, SERVICES, Services, json_response
 from adapters.http.exchange import Exchange
 from adapters.http.relay import ClientGone, StreamResult, relay_ndjson, relay_sse
-from adapters.http.translate import OPERATIONS, Framing, Operation, usage_of
+from adapters.http.translate import OPERATIONS, Framing, Kind, Operation, embedding_usage, usage_of
 from gateway_core.errors import (
     GatewayError,
     InvalidRequest,
@@ -79,11 +79,14 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             if stream:
                 return await _stream(request, svc, ex, op, grant, up, body)
             raw = await up.read()
-            try:
-                answer = json.loads(raw)
-            except ValueError:
-                raise UpstreamUnavailable(retry_after_s=1.0) from None
-            usage = usage_of(op, answer) or (prompt_estimate, 0)
+            if op.kind is Kind.EMBEDDING:
+                usage = embedding_usage(op, raw) or (prompt_estimate, 0)
+            else:
+                try:
+                    answer = json.loads(raw)
+                except ValueError:
+                    raise UpstreamUnavailable(retry_after_s=1.0) from None
+                usage = usage_of(op, answer) or (prompt_estimate, 0)
             await _settle(svc, ex, grant, *usage)
             if ex.prompt_text is not None:
                 ex.response_text = raw.decode("utf-8", "replace")

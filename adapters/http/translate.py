@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import json
+import re
 from typing import Any
 
 from attrs import frozen
@@ -141,3 +143,24 @@ def usage_of(op: Operation, data: Any) -> tuple[int, int] | None:
         return None  # the legacy route reports no counts at all (reference §1.9)
     # Zero-valued counts are omitted upstream (omitempty), so absence means 0.
     return int(data.get("prompt_eval_count") or 0), int(data.get("eval_count") or 0)
+
+
+_PROMPT_EVAL = re.compile(rb'"prompt_eval_count":\s*(\d+)')
+_USAGE_OBJECT = re.compile(rb'"usage":\s*(\{[^{}]*\})')
+
+
+def embedding_usage(op: Operation, raw: bytes) -> tuple[int, int] | None:
+    """Usage of an embeddings answer without parsing its vectors (they are most of the body and the
+    gateway passes them through untouched). The counts follow the vectors, so search from the end."""
+    if op.framing is Framing.OPENAI:
+        at = raw.rfind(b'"usage"')
+        found = _USAGE_OBJECT.match(raw, at) if at >= 0 else None
+        if found is None:
+            return None
+        usage = json.loads(found.group(1))
+        return int(usage.get("prompt_tokens") or 0), 0
+    if op.path == "/api/embeddings":
+        return None
+    at = raw.rfind(b'"prompt_eval_count"')
+    found = _PROMPT_EVAL.match(raw, at) if at >= 0 else None
+    return (int(found.group(1)) if found else 0), 0

@@ -16,6 +16,8 @@ def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
     """A closed pool; open it with `await pool.open(wait=True)`."""
     return AsyncConnectionPool(
         database_url, min_size=min_size, max_size=max_size, timeout=timeout_s, open=False,
+        # Checked on checkout (one round trip, off the hot path: key-cache misses and batch flushes)
+        # so that connections left dead by a database restart never fail a caller's request.
         kwargs={"autocommit": True}, check=AsyncConnectionPool.check_connection,
     )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -53,14 +53,22 @@ def budget_key(ticket: Ticket, period: Period) -> str:
 
 
 def _keys(ticket: Ticket) -> list[str]:
-    tag, key = _tag(ticket.tenant_id), ticket.key_id
-    return [
-        *lease_keys(ticket),
-        f"{tag}:rq:k:{key}", f"{tag}:rq:t",
-        f"{tag}:tk:k:{key}", f"{tag}:tks:k:{key}",
+    # Period instances change at most daily, so the key list is the same for a key all day long.
+    periods = tuple(ticket.budget.caps())
+    return list(_keys_for(ticket.tenant_id, ticket.key_id, periods, int(ticket.now // 86400)))
+
+
+@lru_cache(maxsize=4096)
+def _keys_for(tenant_id: int, key_id: int, periods: tuple[Period, ...], day: int) -> tuple[str, ...]:
+    tag = _tag(tenant_id)
+    day_start = day * 86400.0
+    return (
+        f"{tag}:cc:k:{key_id}", f"{tag}:cc:t",
+        f"{tag}:rq:k:{key_id}", f"{tag}:rq:t",
+        f"{tag}:tk:k:{key_id}", f"{tag}:tks:k:{key_id}",
         f"{tag}:tk:t", f"{tag}:tks:t",
-        *(budget_key(ticket, p) for p in ticket.budget.caps()),
-    ]
+        *(f"{tag}:bud:{key_id}:{p.value}:{p.start(day_start):%Y%m%d}" for p in periods),
+    )
 
 
 def _limit(value: int | None) -> int:
