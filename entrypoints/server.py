@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import structlog
 from aiohttp import web
 
 from adapters.prometheus import metrics_app
@@ -32,8 +33,10 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"neuronetz-gateway listening on http://{settings.gateway_host}:{settings.gateway_port} "
-          f"(metrics on http://127.0.0.1:{settings.metrics_port}/metrics)", flush=True)
+    # Through structlog, so that with LOG_FORMAT=json every line of output is a JSON object.
+    structlog.get_logger("neuronetz.server").info(
+        "listening", url=f"http://{settings.gateway_host}:{settings.gateway_port}",
+        metrics=f"http://127.0.0.1:{settings.metrics_port}/metrics")
     await stop.wait()
     await metrics_runner.cleanup()
     await runner.cleanup()

@@ -68,7 +68,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     grant = await svc.metering.admit(principal, prompt_estimate, op.completion_allowance(body))
     ex.headers.update(grant.headers)
     if principal.prompt_log_enabled:
-        ex.prompt_text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input"))
+        ex.prompt_text = _prompt_text(body)
     upstream = op.upstream_body(body, ex.model, stream, grant.completion_cap)
     try:
         await svc.breaker.before_call()
@@ -88,8 +88,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                     raise UpstreamUnavailable(retry_after_s=1.0) from None
                 usage = usage_of(op, answer) or (prompt_estimate, 0)
             await _settle(svc, ex, grant, *usage)
-            if ex.prompt_text is not None:
-                ex.response_text = raw.decode("utf-8", "replace")
+            if ex.prompt_text is not None and op.kind is not Kind.EMBEDDING:
+                ex.response_text = _answer_text(answer)
             return web.Response(body=raw, content_type="application/json", headers=ex.headers)
     except UpstreamUnavailable as exc:
         if exc.__cause__ is not None:
@@ -105,6 +105,26 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         if not grant.settled:
             # Shielded: a caller who hangs up must not leave its slot and reservation taken.
             await asyncio.shield(svc.metering.release(grant))
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    """What the caller sent, as they wrote it: plain text stays text, structures stay readable."""
+    prompt = body.get("messages") or body.get("prompt") or body.get("input") or ""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+
+
+def _answer_text(answer: Any) -> str:
+    """The generated text of a complete answer (the same thing the stream relays collect)."""
+    if not isinstance(answer, dict):
+        return ""
+    for choice in answer.get("choices") or []:
+        if isinstance(choice, dict):
+            text = (choice.get("message") or {}).get("content") or choice.get("text")
+            if isinstance(text, str):
+                return text
+    message = answer.get("message")
+    text = message.get("content") if isinstance(message, dict) else answer.get("response")
+    return text if isinstance(text, str) else ""
 
 
 async def _upstream_failure(svc: Services, status: int, up: Any) -> GatewayError:
