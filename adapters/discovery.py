@@ -41,6 +41,7 @@ class Discovery:
         self._expires_at = 0.0  # wall clock, like the `now` the policy passes in
         self._next_poll = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.last_success: float | None = None
 
     def current(self, now: float) -> Catalog | None:
@@ -54,13 +55,17 @@ class Discovery:
         self._task = asyncio.create_task(self._run(), name="model-discovery")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
-        while True:
+        # The flag as well as the cancel: a shutdown once hung here (rarely, under load) with this task
+        # "cancelling" yet still looping, its CancelledError absorbed inside a Redis or HTTP call in
+        # tick(). With the flag the loop ends after that tick all the same.
+        while not self._stopping:
             await asyncio.sleep(min(SYNC_EVERY_S, self._refresh_s))
             try:
                 await self.tick()

@@ -30,6 +30,7 @@ from adapters.prometheus import GatewayMetrics
 from adapters.redis.admission import RedisAdmission
 from adapters.redis.auth_failures import RedisAuthFailures
 from adapters.redis.discovery import RedisDiscoveryCache
+from adapters.redis.health import RedisHealth, TrustedWhenAll
 from adapters.system_clock import SystemClock
 from entrypoints.settings import Settings
 from gateway_core.admin import Admin
@@ -101,6 +102,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     hasher = make_hasher(settings)
     cache = TieredKeyCache(redis, settings.key_cache_ttl_s)
     listener = ChangeListener(settings.database_url, cache)
+    redis_health = RedisHealth(redis)
     discovery = Discovery(backend, RedisDiscoveryCache(redis), refresh_s=settings.model_discovery_refresh_s,
                           ttl_s=settings.model_discovery_cache_ttl_s)
     ledger = PostgresLedger(pool, settings.audit_spool_dir)
@@ -111,7 +113,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     metering = Metering(RedisAdmission(redis), ledger, clock, settings.budget_default_completion_reserve)
     auth = Authenticator(AuthPorts(cache=cache, source=PostgresPrincipalSource(pool), hasher=hasher,
                                    failures=RedisAuthFailures(redis, settings.auth_failures_per_minute),
-                                   feed=listener, clock=clock))
+                                   feed=TrustedWhenAll(listener.trusted, redis_health.ok), clock=clock))
     breaker = CircuitGate(settings.circuit_failure_threshold, settings.circuit_reset_s, clock)
 
     async def readiness() -> dict[str, str]:
@@ -130,7 +132,8 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     app[SERVICES] = Services(
         auth=auth, policy=ModelPolicy(discovery, clock), metering=metering, backend=backend,
         observer=RequestObserver(audit, prompts, metrics, settings.prompt_log_default_retention_days),
-        readiness=readiness, breaker=breaker, max_request_bytes=settings.max_request_bytes)
+        readiness=readiness, breaker=breaker, max_request_bytes=settings.max_request_bytes,
+        confirm_redis=redis_health.confirm)
 
     def refresh_gauges() -> None:
         metrics.circuit_open.set({}, float(breaker.state()))
@@ -139,6 +142,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         metrics.discovered_models.set({}, float(len(catalog.names) if catalog else 0))
 
     app[REFRESH_GAUGES] = refresh_gauges
+    await redis_health.start()
     await listener.start()
     await discovery.start()
     tasks = [
@@ -156,6 +160,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
                 await task
         await discovery.stop()
         await listener.stop()
+        await redis_health.stop()
         for writer in (ledger, audit, prompts):
             await writer.stop()
         await backend.close()

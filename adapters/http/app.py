@@ -29,6 +29,8 @@ class Services:
     readiness: Callable[[], Awaitable[dict[str, str]]]
     breaker: CircuitGate
     max_request_bytes: int
+    # Routes that need no Redis command of their own call this, so they fail closed as well.
+    confirm_redis: Callable[[], Awaitable[None]]
 
 
 SERVICES = web.AppKey("services", Services)

@@ -56,6 +56,13 @@ async def _principal(request: web.Request) -> tuple[Services, Principal]:
     return svc, ex.principal
 
 
+async def _listing_principal(request: web.Request) -> tuple[Services, Principal]:
+    """Listings and version use no admission, so Redis is confirmed separately (SPEC §8.5)."""
+    svc, principal = await _principal(request)
+    await svc.confirm_redis()
+    return svc, principal
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
     op = OPERATIONS[request.path]
     svc = request.app[SERVICES]
@@ -210,14 +217,14 @@ def _effective_entries(svc: Services, principal: Principal) -> list[dict[str, An
 
 
 async def list_models_openai(request: web.Request) -> web.Response:
-    svc, principal = await _principal(request)
+    svc, principal = await _listing_principal(request)
     data = [{"id": e["name"], "object": "model", "created": _created(e), "owned_by": _owned_by(e["name"])}
             for e in _effective_entries(svc, principal)]
     return json_response({"object": "list", "data": data})
 
 
 async def retrieve_model_openai(request: web.Request) -> web.Response:
-    svc, principal = await _principal(request)
+    svc, principal = await _listing_principal(request)
     wanted = request.match_info["model_id"]
     name = svc.policy.effective(principal).lookup(wanted)
     if name is None:
@@ -228,12 +235,12 @@ async def retrieve_model_openai(request: web.Request) -> web.Response:
 
 
 async def list_tags(request: web.Request) -> web.Response:
-    svc, principal = await _principal(request)
+    svc, principal = await _listing_principal(request)
     return json_response({"models": _effective_entries(svc, principal)})
 
 
 async def version(request: web.Request) -> web.Response:
-    svc, _ = await _principal(request)
+    svc, _ = await _listing_principal(request)
     await svc.breaker.before_call()
     try:
         data = await svc.backend.version()

@@ -152,9 +152,11 @@ async def test_set_models_from_the_cli_takes_effect_within_one_second(gateway: G
                 seen.append((time.time(), status))
                 return status == wanted
 
-            await within(20.0, flipped, every_s=0.02)
-            code, _, err = await cli
-            assert code == 0, err
+            try:
+                await within(20.0, flipped, every_s=0.02)
+            finally:
+                code, _, err = await cli
+                assert code == 0, err
             committed = await last_change_epoch(gateway, "set-models", tenant)
             assert seen[-1][0] - committed < 1.0, (args, seen[-1][0] - committed)
         assert await caller.listed() == ["qwen3:8b"]
