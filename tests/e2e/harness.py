@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
+import psycopg
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -18,6 +22,8 @@ from gateway_core.limits import Limits
 from gateway_core.models import ALL_SCOPES, Scope
 from tests.fake_ollama import FakeOllama
 from tests.services import free_port
+
+CLI = str(Path(sys.executable).with_name("neuronetz-gateway"))
 
 
 @attrs.define
@@ -80,3 +86,34 @@ async def running_gateway(settings: Settings, fake: FakeOllama, *, flush_redis: 
         yield Gateway(f"http://{settings.gateway_host}:{settings.gateway_port}", settings, app, fake)
     finally:
         await runner.cleanup()
+
+
+async def audit_row(gateway: Gateway, request_id: str, timeout_s: float = 3.0) -> dict[str, Any]:
+    """The audit row for *request_id*; the gateway writes them in batches, so poll for it."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with await psycopg.AsyncConnection.connect(gateway.settings.database_url, autocommit=True) as conn:
+        while True:
+            cur = await conn.execute(
+                "SELECT route, model, status, tokens_in, tokens_out FROM gateway.audit_log"
+                " WHERE request_id = %s", (request_id,))
+            rows = await cur.fetchall()
+            if rows:
+                assert len(rows) == 1, rows
+                route, model, status, tokens_in, tokens_out = rows[0]
+                return {"route": route, "model": model, "status": status, "tokens_in": tokens_in,
+                        "tokens_out": tokens_out}
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no audit row for request {request_id} within {timeout_s}s")
+            await asyncio.sleep(0.05)
+
+
+async def run_cli(gateway: Gateway, *args: str) -> tuple[int, str, str]:
+    """The operator's CLI as a real subprocess, without blocking the loop the gateway runs in."""
+    env = {**os.environ, "DATABASE_URL": gateway.settings.database_url,
+           "REDIS_URL": gateway.settings.redis_url, "NEURONETZ_ACTOR": "e2e-operator"}
+    proc = await asyncio.create_subprocess_exec(CLI, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -8,17 +8,15 @@ a completion is ``completion_text(12)`` (12 tokens).
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import uuid
 from typing import Any
 
 import ollama
-import psycopg
 import pytest
 
 from gateway_core.models import Scope
-from tests.e2e.harness import Gateway
+from tests.e2e.harness import Gateway, audit_row
 from tests.fake_ollama import (
     RUNNER_ERROR,
     completion_text,
@@ -41,25 +39,6 @@ def _client(gateway: Gateway, secret: str, request_id: str | None = None) -> oll
     if request_id is not None:
         headers["X-Request-Id"] = request_id  # the gateway adopts a well-formed caller id (SPEC §3.4)
     return ollama.AsyncClient(host=gateway.url, headers=headers)
-
-
-async def audit_row(gateway: Gateway, request_id: str, timeout_s: float = 3.0) -> dict[str, Any]:
-    """The audit row for *request_id*; the gateway writes them in batches, so poll for it."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    async with await psycopg.AsyncConnection.connect(gateway.settings.database_url, autocommit=True) as conn:
-        while True:
-            cur = await conn.execute(
-                "SELECT route, model, status, tokens_in, tokens_out FROM gateway.audit_log"
-                " WHERE request_id = %s", (request_id,))
-            rows = await cur.fetchall()
-            if rows:
-                assert len(rows) == 1, rows
-                route, model, status, tokens_in, tokens_out = rows[0]
-                return {"route": route, "model": model, "status": status, "tokens_in": tokens_in,
-                        "tokens_out": tokens_out}
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"no audit row for request {request_id} within {timeout_s}s")
-            await asyncio.sleep(0.05)
 
 
 def _request_id() -> str:

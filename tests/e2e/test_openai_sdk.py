@@ -8,19 +8,17 @@ counts come from the ``count_*`` helpers of ``tests.fake_ollama``.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
-import psycopg
 import pytest
 import pytest_asyncio
 
 from gateway_core.limits import Limits
 from gateway_core.models import Scope
-from tests.e2e.harness import Gateway
+from tests.e2e.harness import Gateway, audit_row
 from tests.fake_ollama import (
     RUNNER_ERROR,
     completion_text,
@@ -49,25 +47,6 @@ async def sdk(gateway: Gateway) -> AsyncIterator[openai.AsyncOpenAI]:
     secret, _, _ = await gateway.key()
     async with _client(gateway, secret) as client:
         yield client
-
-
-async def audit_row(gateway: Gateway, request_id: str, timeout_s: float = 3.0) -> dict[str, Any]:
-    """The audit row for *request_id*; the gateway writes them in batches, so poll for it."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    async with await psycopg.AsyncConnection.connect(gateway.settings.database_url, autocommit=True) as conn:
-        while True:
-            cur = await conn.execute(
-                "SELECT route, model, status, tokens_in, tokens_out FROM gateway.audit_log"
-                " WHERE request_id = %s", (request_id,))
-            rows = await cur.fetchall()
-            if rows:
-                assert len(rows) == 1, rows
-                route, model, status, tokens_in, tokens_out = rows[0]
-                return {"route": route, "model": model, "status": status, "tokens_in": tokens_in,
-                        "tokens_out": tokens_out}
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"no audit row for request {request_id} within {timeout_s}s")
-            await asyncio.sleep(0.05)
 
 
 def _upstream_calls(gateway: Gateway, path: str) -> list[dict[str, Any]]:
