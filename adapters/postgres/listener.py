@@ -60,6 +60,7 @@ class ChangeListener:
         self._stopping = True
         if self._task is None:
             return
+        await self._wake()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), self._probe_every_s * 3)
         except (TimeoutError, asyncio.CancelledError):
@@ -68,6 +69,13 @@ class ChangeListener:
                 await asyncio.wait_for(self._task, 1.0)
         except (psycopg.Error, OSError):
             pass
+
+    async def _wake(self) -> None:
+        """A notification of our own ends the listener's current wait at once (best effort)."""
+        with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+            async with await psycopg.AsyncConnection.connect(self._url, autocommit=True,
+                                                             connect_timeout=1) as conn:
+                await conn.execute(f"NOTIFY {CONFIG_CHANNEL}, 'wake'")
 
     async def _run(self) -> None:
         delay = 0.05
@@ -102,8 +110,12 @@ class ChangeListener:
             self._trusted = True
             self._ready.set()
             while not self._stopping:
-                async for note in conn.notifies(timeout=self._probe_every_s):
-                    await self._apply(note.channel, note.payload)
+                # aclosing: leaving the loop early must release the connection's lock at once.
+                async with contextlib.aclosing(conn.notifies(timeout=self._probe_every_s)) as notes:
+                    async for note in notes:
+                        if self._stopping:
+                            break
+                        await self._apply(note.channel, note.payload)
                 # A quiet connection may be a dead one; only a round trip tells.
                 await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self._probe_every_s * 2)
 
