@@ -135,7 +135,8 @@ async def ledger_total(database_url: str, prefix: str) -> tuple[int, int, int]:
     """(requests, tokens_in, tokens_out) in the key's `total` ledger row."""
     async with await psycopg.AsyncConnection.connect(database_url, connect_timeout=3) as conn:
         cur = await conn.execute(
-            "SELECT COALESCE(sum(u.requests), 0), COALESCE(sum(u.tokens_in), 0), COALESCE(sum(u.tokens_out), 0)"
+            "SELECT COALESCE(sum(u.requests), 0), COALESCE(sum(u.tokens_in), 0),"
+            " COALESCE(sum(u.tokens_out), 0)"
             " FROM gateway.budget_usage u JOIN gateway.api_keys k ON k.id = u.key_id"
             " WHERE k.prefix = %s AND u.period = 'total'", (prefix,))
         row = await cur.fetchone()
@@ -158,8 +159,9 @@ class GatewayProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "DATABASE_URL": stack.database_url, "REDIS_URL": stack.redis_url,
-                    "OLLAMA_BASE_URL": ollama_url, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(self.port),
-                    "METRICS_PORT": str(free_port()), "AUDIT_SPOOL_DIR": str(spool_dir),
+                    "OLLAMA_BASE_URL": ollama_url, "GATEWAY_HOST": "127.0.0.1",
+                    "GATEWAY_PORT": str(self.port), "METRICS_PORT": str(free_port()),
+                    "AUDIT_SPOOL_DIR": str(spool_dir),
                     "MODEL_DISCOVERY_REFRESH_S": "1", "LOG_FORMAT": "json", "LOG_LEVEL": "warning"}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None

@@ -36,15 +36,18 @@ from tests.fake_ollama import FakeOllama
 
 CHAT = "/v1/chat/completions"
 RECOVERY_S = 5.0
+# Longer than psycopg_pool's first four reconnect back-offs together (1+2+4+8 s ± jitter): a pool left
+# to back off on its own would next try at ~31 s and keep callers on 503 well past RECOVERY_S.
+LONG_OUTAGE_S = 17.0
 # What the gateway itself asks Ollama for (discovery, readiness); everything else is caller traffic.
 NOT_INFERENCE = frozenset({"/api/tags", "/api/version"})
-_CHAT_NATIVE = {"model": "llama3.1:8b", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+_HI = [{"role": "user", "content": "hi"}]
 # Routes that admit a request (and so reach Redis on every call) and routes that only list or look up.
 INFERENCE_ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
-    ("POST", CHAT, {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}),
+    ("POST", CHAT, {"model": "llama3.1:8b", "messages": _HI}),
     ("POST", "/v1/completions", {"model": "llama3.1:8b", "prompt": "hi"}),
     ("POST", "/v1/embeddings", {"model": "nomic-embed-text", "input": "hi"}),
-    ("POST", "/api/chat", _CHAT_NATIVE),
+    ("POST", "/api/chat", {"model": "llama3.1:8b", "stream": False, "messages": _HI}),
     ("POST", "/api/generate", {"model": "llama3.1:8b", "stream": False, "prompt": "hi"}),
     ("POST", "/api/embed", {"model": "nomic-embed-text", "input": "hi"}),
 ]
@@ -55,7 +58,6 @@ LISTING_ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/api/version", None),
 ]
 CALLER_ROUTES = INFERENCE_ROUTES + LISTING_ROUTES
-
 
 
 @attrs.frozen
@@ -119,8 +121,11 @@ def inference_requests(fake: FakeOllama) -> int:
 
 
 def usage_of(reply: Reply) -> tuple[int, int]:
-    usage = reply.body["usage"]
-    return int(usage["prompt_tokens"]), int(usage.get("completion_tokens", 0))
+    """(prompt, completion) tokens the caller was told, OpenAI-shaped or Ollama-native."""
+    if "usage" in reply.body:
+        usage = reply.body["usage"]
+        return int(usage["prompt_tokens"]), int(usage.get("completion_tokens", 0))
+    return int(reply.body["prompt_eval_count"]), int(reply.body.get("eval_count", 0))
 
 
 def retry_after(reply: Reply) -> int:
@@ -194,7 +199,7 @@ async def redis_outage(stack: PrivateStack, gw: Gateway, routes: list[tuple[str,
             reply = await send(http, gw.url, cached, path, body, method)
             assert reply.status == 200, (path, reply)
         forwarded = len(gw.fake.requests)
-        stack.stop_redis()
+        await asyncio.to_thread(stack.stop_redis)
         try:
             answers = {(secret == cached, path): await send(http, gw.url, secret, path, body, method)
                        for secret in (cached, unseen) for method, path, body in routes}
@@ -206,7 +211,7 @@ async def redis_outage(stack: PrivateStack, gw: Gateway, routes: list[tuple[str,
             status, ready = await readyz(http, gw.url)
             assert status == 503 and ready["redis"] == "down" and ready["postgres"] == "ok", ready
         finally:
-            stack.start_redis()
+            await asyncio.to_thread(stack.start_redis)
         restarted = time.monotonic()
         await until_status(http, gw.url, cached, 200, RECOVERY_S, routes[0])
         print(f"\nserving again {time.monotonic() - restarted:.2f}s after Redis came back (empty)")
@@ -228,7 +233,7 @@ class TestDatabasesDown:
     ) -> None:
         await redis_outage(stack, gw, LISTING_ROUTES)
 
-    async def test_postgres_down_is_503_and_a_key_revoked_during_the_outage_is_refused_after_it(
+    async def test_postgres_down_is_503_and_after_a_long_outage_it_serves_again_except_keys_revoked_meanwhile(
         self, stack: PrivateStack, gw: Gateway
     ) -> None:
         kept, _, tenant = await new_key(gw.settings)
@@ -236,23 +241,23 @@ class TestDatabasesDown:
         async with aiohttp.ClientSession() as http:
             for secret in (kept, doomed):
                 assert (await send(http, gw.url, secret)).status == 200  # cached in process and in Redis
-            stack.stop_pg()
+            await asyncio.to_thread(stack.stop_pg)
             try:
                 stopped = time.monotonic()
                 during: list[Reply] = []
-                while time.monotonic() - stopped < 2.0:
+                while time.monotonic() - stopped < LONG_OUTAGE_S:
                     for method, path, body in CALLER_ROUTES:
                         for secret in (kept, doomed):
                             during.append(await send(http, gw.url, secret, path, body, method))
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.5)
                 assert {(r.status, r.code) for r in during} == {(503, "dependency_unavailable")}, \
                     [(r.status, r.code) for r in during]
                 status, ready = await readyz(http, gw.url)
                 assert status == 503 and ready["postgres"] == "down" and ready["redis"] == "ok", ready
             finally:
-                stack.start_pg()
+                stack.start_pg()  # blocking on purpose: the gateway's loop cannot reconnect meanwhile
             restarted = time.monotonic()
-            # Revoked by the console before the gateway's listener is back: only the replay can tell it.
+            # Revoked by the console before the gateway's listener is back: only its replay can tell.
             assert revoke_now(stack.database_url, doomed_prefix) == 0
             await until_status(http, gw.url, kept, 200, RECOVERY_S)
             print(f"\nserving again {time.monotonic() - restarted:.2f}s after PostgreSQL came back")
@@ -335,10 +340,8 @@ class TestCircuitBreaker:
         async with aiohttp.ClientSession() as http:
             assert (await send(http, gw.url, secret)).status == 200
             fake.fail_mode = "refuse"
-            for _ in range(threshold):
-                reply = await send(http, gw.url, secret)
-                assert (reply.status, reply.code) == (502, "upstream_unavailable"), reply
-                assert retry_after(reply) >= 1
+            refused = [await send(http, gw.url, secret) for _ in range(threshold)]
+            assert [(r.status, r.code) for r in refused] == [(502, "upstream_unavailable")] * threshold
             opened = time.monotonic()
             fake.fail_mode = None  # listening again: only the open circuit keeps requests away
             seen = inference_requests(fake)
@@ -349,6 +352,8 @@ class TestCircuitBreaker:
             for _ in range(3):
                 assert (await send(http, gw.url, secret)).status == 200
             assert inference_requests(fake) == seen + 3
+        # Every 502 carries Retry-After (SPEC §3.4), also when the connection itself was refused.
+        assert all(retry_after(r) >= 1 for r in refused), [dict(r.headers) for r in refused]
 
 
 class TestAuditAndLedger:
@@ -404,7 +409,7 @@ class TestAuditAndLedger:
             streams = [Stream(http, gw.url, secret) for _ in range(2)]
             for stream in streams:
                 await stream.open()
-            stack.stop_pg()
+            await asyncio.to_thread(stack.stop_pg)
             try:
                 stopped = time.monotonic()
                 for stream in streams:
@@ -417,7 +422,7 @@ class TestAuditAndLedger:
                 assert {(r.status, r.code) for r in outage} == {(503, "dependency_unavailable")}
                 replies += outage
             finally:
-                stack.start_pg()
+                await asyncio.to_thread(stack.start_pg)
             replies += await until_status(http, gw.url, secret, 200, RECOVERY_S)
             for i in range(3):
                 replies.append(await send(http, gw.url, secret, CHAT, chat(f"after {i}")))
@@ -469,8 +474,9 @@ class TestShutdown:
         finally:
             gateway.kill()
         assert code == 0, gateway.tail()
+        print(f"\n{len(answered)} answers, {len(after_signal)} of them after SIGTERM")
         assert {r.status for r in answered} == {200}, {(r.status, r.code) for r in answered}
-        assert len(answered) >= 32 and after_signal, (len(answered), len(after_signal))
+        assert len(answered) >= 16 and after_signal, (len(answered), len(after_signal))
         # The process is gone: what it did not write by now it never will (nothing was spooled).
         rows = await wait_for_audit(stack.database_url, [r.request_id for r in answered], timeout_s=0)
         assert all(len(got) == 1 for got in rows.values())
@@ -493,20 +499,25 @@ class TestShutdown:
                 fake.token_delay_s = 0.1
                 stream = Stream(http, first.url, secret)
                 await stream.open()
-                stack.stop_pg()
+                await asyncio.to_thread(stack.stop_pg)
                 streamed = await stream.finish()  # settled with PostgreSQL down
                 fake.token_delay_s = 0.0
                 outage = [await send(http, first.url, secret) for _ in range(3)]
             assert [r.status for r in before] == [200, 200]
             assert {(r.status, r.code) for r in outage} == {(503, "dependency_unavailable")}
             first.sigterm()
+            signalled = time.monotonic()
             assert await first.wait(40) == 0, first.tail()
+            exit_s = time.monotonic() - signalled
+            print(f"\nexited {exit_s:.2f}s after SIGTERM with PostgreSQL down")
+            # Well inside `docker stop`'s 10 s: its SIGKILL would lose whatever was not spooled yet.
+            assert exit_s < 8.0
 
             spooled_ids = {json.loads(line)[1] for line in (spool / "audit.spool").read_text().splitlines()}
             assert {stream.request_id, *(r.request_id for r in outage)} <= spooled_ids
             assert (spool / "ledger.spool").exists()
 
-            stack.start_pg()
+            await asyncio.to_thread(stack.start_pg)
             await second.start()  # replays the spool before anything else
             wanted = {r.request_id: r.status for r in [*before, *outage]} | {stream.request_id: 200}
             rows = await wait_for_audit(stack.database_url, list(wanted))
@@ -516,9 +527,10 @@ class TestShutdown:
                     sum(usage_of(r)[1] for r in before) + streamed[1])
             assert await wait_for_ledger(stack.database_url, prefix, told) == told
             deadline = time.monotonic() + 5
-            while list(spool.glob("*.spool")) + list(spool.glob("*.replaying")) and time.monotonic() < deadline:
+            while (left := [*spool.glob("*.spool"), *spool.glob("*.replaying")]) and \
+                    time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            assert not list(spool.glob("*.spool")) + list(spool.glob("*.replaying"))
+            assert not left, left
             second.sigterm()
             assert await second.wait(20) == 0, second.tail()
         finally:
