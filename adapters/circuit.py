@@ -27,5 +27,8 @@ class CircuitGate:
                 "The model backend is failing; requests are paused until it recovers.",
                 retry_after_s=max(wait, 1.0))
 
+    def seconds_to_half_open(self) -> float:
+        return self._breaker.seconds_to_half_open(self._clock.now())
+
     async def record(self, ok: bool) -> None:
         self._breaker = self._breaker.on_success() if ok else self._breaker.on_failure(self._clock.now())

@@ -63,12 +63,12 @@ class OllamaBackend:
             resp = await self._session.request(method, self._base_url + path, data=body, headers=headers,
                                                timeout=timeout or self._timeout, allow_redirects=False)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable() from exc
+            raise UpstreamUnavailable(retry_after_s=1.0) from exc
         try:
             yield resp
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             resp.close()
-            raise UpstreamUnavailable() from exc
+            raise UpstreamUnavailable(retry_after_s=1.0) from exc
         except BaseException:
             resp.close()
             raise
@@ -85,7 +85,7 @@ class OllamaBackend:
             try:
                 data = _json.loads(await resp.read())
             except ValueError as exc:
-                raise UpstreamUnavailable() from exc
+                raise UpstreamUnavailable(retry_after_s=1.0) from exc
         if not isinstance(data, dict):
             raise UpstreamUnavailable()
         return data

@@ -155,9 +155,8 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     finally:
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a library that swallows a cancel must not keep the process from exiting.
+        await asyncio.wait(tasks, timeout=2)
         await discovery.stop()
         await listener.stop()
         await redis_health.stop()

@@ -42,8 +42,11 @@ def error_bytes(exc: GatewayError) -> bytes:
 
 def error_headers(exc: GatewayError, status: int) -> dict[str, str]:
     headers = dict(exc.headers)
-    if status in (429, 502, 503) and exc.retry_after_s is not None:
-        wait = max(exc.retry_after_s, 0.0)
+    retry_after_s = exc.retry_after_s
+    if retry_after_s is None and status == 502:
+        retry_after_s = 1.0  # SPEC §3.4: every 502 says when to come back
+    if status in (429, 502, 503) and retry_after_s is not None:
+        wait = max(retry_after_s, 0.0)
         headers["Retry-After"] = str(max(1, math.ceil(wait)))
         headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
     if exc.should_retry is not None:

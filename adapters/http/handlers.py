@@ -101,6 +101,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     except UpstreamUnavailable as exc:
         if exc.__cause__ is not None:
             await svc.breaker.record(False)
+        # If this failure opened the circuit, the honest wait is until it half-opens.
+        exc.retry_after_s = max(exc.retry_after_s or 1.0, svc.breaker.seconds_to_half_open())
         exc.headers.update(ex.headers)
         raise
     except asyncio.CancelledError:

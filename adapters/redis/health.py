@@ -4,7 +4,6 @@ Redis down nothing may pass unchecked (SPEC §8.5), so they must see it fail too
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -48,8 +47,7 @@ class RedisHealth:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=2)
 
 
 class TrustedWhenAll:
