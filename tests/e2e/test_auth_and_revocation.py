@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import secrets
 import string
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -26,10 +24,9 @@ from entrypoints.app import open_admin
 from gateway_core.admin import KEEP
 from gateway_core.api_keys import cache_digest
 from gateway_core.models import Scope
-from tests.e2e.harness import Gateway, gateway_settings, running_gateway
+from tests.e2e.harness import Gateway, gateway_settings, run_cli, running_gateway
 from tests.fake_ollama import FakeOllama
 
-CLI = str(Path(sys.executable).with_name("neuronetz-gateway"))
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_"
 CHAT = {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 LISTENER_APP = "neuronetz-gateway-listener"
@@ -49,18 +46,6 @@ def forged(secret: str) -> str:
 
 def unknown_key() -> str:
     return "nz_" + "".join(secrets.choice(KEY_ALPHABET) for _ in range(43))
-
-
-async def run_cli(gateway: Gateway, *args: str) -> tuple[int, str, str]:
-    """The operator's CLI as a real subprocess, without blocking the loop the gateway runs in."""
-    env = {**os.environ, "DATABASE_URL": gateway.settings.database_url,
-           "REDIS_URL": gateway.settings.redis_url, "NEURONETZ_ACTOR": "e2e-operator"}
-    proc = await asyncio.create_subprocess_exec(CLI, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @attrs.frozen

@@ -5,20 +5,16 @@ of allow-all, Ollama's naming rules apply, and an empty discovery denies everyth
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psycopg
 
 from entrypoints.app import open_admin
-from tests.e2e.harness import Gateway
+from tests.e2e.harness import Gateway, run_cli
 
-CLI = str(Path(sys.executable).with_name("neuronetz-gateway"))
 # MODEL_DISCOVERY_REFRESH_S is 1 s in the harness: a change shows within one refresh plus slack.
 DISCOVERY_DEADLINE_S = 2.5
 NON_CLOUD = ["llama3.1:8b", "nomic-embed-text:latest", "qwen3:8b"]
@@ -76,17 +72,6 @@ async def within(timeout_s: float, check: Callable[[], Awaitable[bool]], every_s
         if time.monotonic() - started > timeout_s:
             raise AssertionError(f"not within {timeout_s}s")
         await asyncio.sleep(every_s)
-
-
-async def run_cli(gw: Gateway, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "DATABASE_URL": gw.settings.database_url, "REDIS_URL": gw.settings.redis_url,
-           "NEURONETZ_ACTOR": "e2e-operator"}
-    proc = await asyncio.create_subprocess_exec(CLI, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def last_change_epoch(gw: Gateway, action: str, target: str) -> float:
