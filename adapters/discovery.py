@@ -12,6 +12,7 @@ from typing import Any
 
 from adapters.ollama import OllamaBackend
 from adapters.redis.discovery import RedisDiscoveryCache
+from adapters.tasks import cancel_and_wait
 from gateway_core.errors import DependencyUnavailable, UpstreamUnavailable
 from gateway_core.models import Catalog
 
@@ -56,10 +57,7 @@ class Discovery:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
     async def _run(self) -> None:
         # The flag as well as the cancel: a shutdown once hung here (rarely, under load) with this task

@@ -43,5 +43,5 @@ class RequestObserver:
                   latency_ms=latency_ms, tokens_in=ex.tokens_in, tokens_out=ex.tokens_out)
 
 
-def monotonic_age(since: float | None) -> float:
+def seconds_since(since: float | None) -> float:
     return -1.0 if since is None else time.time() - since

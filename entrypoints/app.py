@@ -18,7 +18,7 @@ from adapters.circuit import CircuitGate
 from adapters.discovery import Discovery
 from adapters.http.app import SERVICES, Services, make_web_app
 from adapters.key_cache import TieredKeyCache
-from adapters.observer import RequestObserver, monotonic_age
+from adapters.observer import RequestObserver, seconds_since
 from adapters.ollama import OllamaBackend
 from adapters.postgres.audit import AuditWriter, PromptLogWriter, sweep_prompt_log
 from adapters.postgres.ledger import PostgresLedger
@@ -32,6 +32,7 @@ from adapters.redis.auth_failures import RedisAuthFailures
 from adapters.redis.discovery import RedisDiscoveryCache
 from adapters.redis.health import RedisHealth, TrustedWhenAll
 from adapters.system_clock import SystemClock
+from adapters.tasks import cancel_and_wait
 from entrypoints.settings import Settings
 from gateway_core.admin import Admin
 from gateway_core.admission import LEASE_RENEW_EVERY_S
@@ -137,7 +138,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
 
     def refresh_gauges() -> None:
         metrics.circuit_open.set({}, float(breaker.state()))
-        metrics.discovery_age.set({}, monotonic_age(discovery.last_success))
+        metrics.discovery_age.set({}, seconds_since(discovery.last_success))
         catalog = discovery.current(clock.now())
         metrics.discovered_models.set({}, float(len(catalog.names) if catalog else 0))
 
@@ -153,10 +154,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        # Bounded: a library that swallows a cancel must not keep the process from exiting.
-        await asyncio.wait(tasks, timeout=2)
+        await cancel_and_wait(tasks)
         await discovery.stop()
         await listener.stop()
         await redis_health.stop()

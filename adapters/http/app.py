@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -86,7 +87,5 @@ def make_web_app(max_request_bytes: int) -> web.Application:
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    import json
-
     return web.Response(body=json.dumps(data, separators=(",", ":")).encode(), status=status,
                         content_type="application/json")

@@ -28,6 +28,8 @@ from gateway_core.tokens import estimate_chunks
 
 # An upstream 400 message is passed on only when it cannot name a host, path or URL.
 _SAFE_UPSTREAM_MESSAGE = re.compile(r"^[A-Za-z0-9 '\"._:,()\[\]-]{1,200}$")
+# ...and names no address: no dotted numbers (IPs, host:port) and no "localhost".
+_HOST_LIKE = re.compile(r"\d+\.\d+\.\d+|localhost|\.local\b|\.internal\b", re.IGNORECASE)
 
 
 async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
@@ -149,7 +151,8 @@ async def _upstream_failure(svc: Services, status: int, up: Any) -> GatewayError
             message = (await up.json(content_type=None)).get("error")
         except (ValueError, AttributeError):
             message = None
-        if isinstance(message, str) and _SAFE_UPSTREAM_MESSAGE.match(message):
+        if (isinstance(message, str) and _SAFE_UPSTREAM_MESSAGE.match(message)
+                and not _HOST_LIKE.search(message)):
             return InvalidRequest(f"The model backend rejected the request: {message}")
         return InvalidRequest("The model backend rejected the request as invalid.")
     return UpstreamUnavailable(retry_after_s=1.0)

@@ -7,7 +7,7 @@ carry usage are parsed. A stream that ends without its normal end gets the route
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -63,36 +63,25 @@ async def _arrivals(up: aiohttp.ClientResponse, separator: bytes) -> AsyncIterat
         yield [pending]
 
 
-async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult, *,
-                    caller_wants_usage: bool) -> None:
-    """Relay into *result* as it goes, so a caller who is cancelled midway still knows what was sent."""
+# A frame handler turns one upstream frame into the bytes to relay (None: relay nothing) and says
+# whether the stream has reached its end (normal or failed).
+FrameHandler = Callable[[bytes, StreamResult], tuple[bytes | None, bool]]
+
+
+async def _relay(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult,
+                 separator: bytes, handle: FrameHandler, error_frame: bytes) -> None:
+    """Relay into *result* as it goes, so a caller who is cancelled midway still knows what was
+    sent; a stream that ends without its normal end gets *error_frame*."""
     try:
-        async for frames in _arrivals(up, b"\n\n"):
+        async for frames in _arrivals(up, separator):
             batch: list[bytes] = []
             stop = False
             for frame in frames:
-                # Only `data:` lines carry anything; comments, event names and ids are not in
-                # Ollama's framing.
-                data = [ln[6:] if ln[5:6] == b" " else ln[5:]
-                        for ln in frame.split(b"\n") if ln.startswith(b"data:")]
-                if not data:
-                    continue
-                payload = data[0] if len(data) == 1 else b"\n".join(data)
-                if payload == _DONE:
-                    result.completed = True
-                    batch.append(b"data: [DONE]\n\n")
-                    stop = True
+                relayed, stop = handle(frame, result)
+                if relayed is not None:
+                    batch.append(relayed)
+                if stop:
                     break
-                if _ERROR_STAND_IN in payload:
-                    stop = True  # not content: neither relayed nor charged; our error frame replaces it
-                    break
-                payload = _usage_from_sse(payload, result, caller_wants_usage)
-                if payload is None:
-                    continue
-                result.chunks += 1
-                if result.text is not None:
-                    _collect_sse_text(payload, result.text)
-                batch.append(b"data: " + payload + b"\n\n")
             if batch:
                 await _send(out, b"".join(batch))
             if stop:
@@ -101,7 +90,31 @@ async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, result:
         pass
     if not result.completed:
         result.failed = True
-        await _send(out, b"data: " + error_bytes(_midstream_error()) + b"\n\n")
+        await _send(out, error_frame)
+
+
+async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult, *,
+                    caller_wants_usage: bool) -> None:
+    def handle(frame: bytes, result: StreamResult) -> tuple[bytes | None, bool]:
+        # Only `data:` lines carry anything; comments, event names and ids are not in Ollama's framing.
+        data = [ln[6:] if ln[5:6] == b" " else ln[5:] for ln in frame.split(b"\n") if ln.startswith(b"data:")]
+        if not data:
+            return None, False
+        payload = data[0] if len(data) == 1 else b"\n".join(data)
+        if payload == _DONE:
+            result.completed = True
+            return b"data: [DONE]\n\n", True
+        if _ERROR_STAND_IN in payload:
+            return None, True  # not content: neither relayed nor charged; our error frame replaces it
+        kept = _usage_from_sse(payload, result, caller_wants_usage)
+        if kept is None:
+            return None, False
+        result.chunks += 1
+        if result.text is not None:
+            _collect_sse_text(kept, result.text)
+        return b"data: " + kept + b"\n\n", False
+
+    await _relay(up, out, result, b"\n\n", handle, b"data: " + error_bytes(_midstream_error()) + b"\n\n")
 
 
 def _usage_from_sse(payload: bytes, result: StreamResult, caller_wants_usage: bool) -> bytes | None:
@@ -136,40 +149,27 @@ def _collect_sse_text(payload: bytes, sink: list[str]) -> None:
 
 
 async def relay_ndjson(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult) -> None:
-    try:
-        async for lines in _arrivals(up, b"\n"):
-            batch: list[bytes] = []
-            stop = False
-            for raw in lines:
-                line = raw.strip()
-                if not line:
-                    continue
-                if line.startswith(b'{"error"'):
-                    stop = True  # the upstream's own message may name hosts; ours replaces it below
-                    break
-                if b'"done":true' in line:
-                    final = json.loads(line)
-                    result.prompt_tokens = int(final.get("prompt_eval_count") or 0)
-                    result.completion_tokens = int(final.get("eval_count") or 0)
-                    result.completed = True
-                    if result.text is not None:
-                        _collect_native_text(final, result.text)
-                    batch.append(line + b"\n")
-                    stop = True
-                    break
-                result.chunks += 1
-                if result.text is not None:
-                    _collect_native_text(json.loads(line), result.text)
-                batch.append(line + b"\n")
-            if batch:
-                await _send(out, b"".join(batch))
-            if stop:
-                break
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        pass
-    if not result.completed:
-        result.failed = True
-        await _send(out, _ndjson_error_line(_midstream_error()))
+    await _relay(up, out, result, b"\n", _native_line, _ndjson_error_line(_midstream_error()))
+
+
+def _native_line(raw: bytes, result: StreamResult) -> tuple[bytes | None, bool]:
+    line = raw.strip()
+    if not line:
+        return None, False
+    if line.startswith(b'{"error"'):
+        return None, True  # the upstream's own message may name hosts; ours replaces it
+    if b'"done":true' in line:
+        final = json.loads(line)
+        result.prompt_tokens = int(final.get("prompt_eval_count") or 0)
+        result.completion_tokens = int(final.get("eval_count") or 0)
+        result.completed = True
+        if result.text is not None:
+            _collect_native_text(final, result.text)
+        return line + b"\n", True
+    result.chunks += 1
+    if result.text is not None:
+        _collect_native_text(json.loads(line), result.text)
+    return line + b"\n", False
 
 
 def _ndjson_error_line(exc: UpstreamUnavailable) -> bytes:

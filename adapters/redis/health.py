@@ -9,6 +9,7 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from adapters.tasks import cancel_and_wait
 from gateway_core.errors import DependencyUnavailable
 
 
@@ -45,9 +46,7 @@ class RedisHealth:
             await self.check()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=2)
+        await cancel_and_wait([self._task])
 
 
 class TrustedWhenAll:
