@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,10 @@ Row = tuple[Any, ...]
 # Errors that say nothing about the rows: the whole batch is retried later.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError)
-SYNC_EVERY_S = 0.5
+# While failing, the spool is fsynced this often; a flush that waits this long for a connection (the
+# pool retrying a PostgreSQL that is gone) already counts as failing. A crash so loses well under a second of rows.
+SYNC_EVERY_S = 0.25
+STALLED_FLUSH_S = 0.5
 
 
 class Repaired(tuple[Any, ...]):
@@ -72,6 +74,7 @@ class BatchWriter:
         self.healthy = True
         self._failing = False
         self._spool_fh: IO[str] | None = None
+        self._waiting_since: float | None = None
         self._unsynced = False
         self._replaying: Path | None = None
         self._replay_left = 0
@@ -155,40 +158,51 @@ class BatchWriter:
 
     async def _run(self) -> None:
         backoff = self._flush_every_s
-        next_try = 0.0
-        # The loop also ends on _stopping, not only on cancellation: on Python 3.11 a cancel that
-        # lands while psycopg_pool waits for a connection can be swallowed (the flush goes on and
-        # succeeds), and stop() would then wait for this task forever and never spool.
-        while not self._stopping:
-            wait = min(backoff, SYNC_EVERY_S) if self._failing else backoff
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            self._wake.clear()
-            if self._failing:
-                self._sync_spool()
-                if time.monotonic() < next_try:
-                    continue
-            try:
-                if self._failing:
-                    await self._recover()
-                while self._queue and not self._stopping:
-                    await self.flush_once()
-                self.healthy = True
-                backoff = self._flush_every_s
-            except CONNECTION_ERRORS as exc:
-                self.healthy = False
-                backoff = min(max(backoff * 2, 0.5), 5.0)
-                next_try = time.monotonic() + backoff
-                self._enter_failing(exc)
+        syncer = asyncio.create_task(self._sync_loop(), name=f"{self.name}-spool-sync")
+        try:
+            # The loop also ends on _stopping, not only on cancellation: on Python 3.11 a cancel that
+            # lands while psycopg_pool waits for a connection can be swallowed (the flush goes on and
+            # succeeds), and stop() would then wait for this task forever and never spool.
+            while not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+                self._wake.clear()
+                try:
+                    if self._failing:
+                        await self._recover()
+                    while self._queue and not self._stopping:
+                        await self.flush_once()
+                    self.healthy = True
+                    backoff = self._flush_every_s
+                except CONNECTION_ERRORS as exc:
+                    self.healthy = False
+                    backoff = min(max(backoff * 2, 0.5), 5.0)
+                    self._enter_failing(exc)
+        finally:
+            syncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await syncer
 
-    def _enter_failing(self, exc: BaseException) -> None:
+    async def _sync_loop(self) -> None:
+        """Makes appended rows durable every SYNC_EVERY_S, and spills the queue to disk when a flush
+        is stuck. A task of its own: the pool may wait seconds before it gives up on PostgreSQL."""
+        while True:
+            await asyncio.sleep(SYNC_EVERY_S)
+            waiting = self._waiting_since
+            if not self._failing and waiting is not None and \
+                    asyncio.get_running_loop().time() - waiting > STALLED_FLUSH_S:
+                # The batch in flight may still commit; its rows on disk too are harmless (idempotent).
+                self._enter_failing(None)
+            self._sync_spool()
+
+    def _enter_failing(self, exc: BaseException | None) -> None:
         """Everything queued goes to disk now; from here on rows are appended as they arrive."""
         rows = self._unspooled()
         self._queue.clear()
         self._replaying, self._replay_left = None, 0
         if not self._failing:
-            _log.warning("%s flush failed (%s); spooling %d rows until PostgreSQL is back", self.name,
-                         type(exc).__name__, len(rows))
+            why = "stalled" if exc is None else f"failed ({type(exc).__name__})"
+            _log.warning("%s flush %s; spooling %d rows until PostgreSQL is back", self.name, why, len(rows))
         self._failing = True
         self._spool_rows(rows)
 
@@ -199,6 +213,9 @@ class BatchWriter:
 
     async def _recover(self) -> None:
         """Replay the spool until it is empty; a connection error leaves the files as they are."""
+        # Probe first: while PostgreSQL is down the rows stay in the spool file, untouched.
+        async with self._pool.connection(timeout=1.0) as conn:
+            await conn.execute("SELECT 1")
         while self._spool.exists() or self._taken.exists():
             self._close_spool()
             self._replay_spool()
@@ -215,10 +232,13 @@ class BatchWriter:
         if not batch:
             return
         await self._write_isolating(batch)
-        # Only rows that were committed (or set aside) leave the queue; new rows queue behind them.
-        for _ in batch:
-            self._queue.popleft()
         self.written += len(batch)
+        # Only rows that were committed (or set aside) leave the queue; new rows queue behind them.
+        # A stalled flush may have spilled the queue to disk meanwhile: then there is nothing to pop.
+        for row in batch:
+            if not self._queue or self._queue[0] is not row:
+                return
+            self._queue.popleft()
         if self._replaying is not None:
             self._replay_left -= len(batch)
             if self._replay_left <= 0:
@@ -226,8 +246,14 @@ class BatchWriter:
                 self._replaying, self._replay_left = None, 0
 
     async def _commit(self, rows: Sequence[Row]) -> None:
-        async with self._pool.connection(timeout=5) as conn, conn.transaction():
-            await self.write(conn, rows)
+        self._waiting_since = asyncio.get_running_loop().time()
+        try:
+            async with self._pool.connection(timeout=5) as conn:
+                self._waiting_since = None
+                async with conn.transaction():
+                    await self.write(conn, rows)
+        finally:
+            self._waiting_since = None
 
     async def _write_isolating(self, rows: Sequence[Row]) -> None:
         """Commit *rows*; when Postgres refuses their content, halve until the bad rows are found.
