@@ -34,7 +34,8 @@ Row = tuple[Any, ...]
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError)
 # While failing, the spool is fsynced this often; a flush that waits this long for a connection (the
-# pool retrying a PostgreSQL that is gone) already counts as failing. A crash so loses well under a second of rows.
+# pool retrying a PostgreSQL that is gone) already counts as failing. A crash so loses well under a
+# second of rows.
 SYNC_EVERY_S = 0.25
 STALLED_FLUSH_S = 0.5
 

@@ -378,7 +378,8 @@ class TestBudget:
         await store.settle(settlement(t, a, prompt=100, completion=150))
         assert await harness.counter(t, Period.DAILY) is None
 
-    async def test_a_settlement_lost_in_a_flush_adds_its_real_usage(self, harness: Harness, store: Store, tenant: int) -> None:
+    async def test_a_settlement_lost_in_a_flush_adds_its_real_usage(
+            self, harness: Harness, store: Store, tenant: int) -> None:
         t = ticket(tenant, budget=Budget(daily=1000), prompt=100, completion=200)
         a = await store.admit(t, seeds={Period.DAILY: 0})
         await harness.flush(tenant)
@@ -426,7 +427,8 @@ class TestBudget:
     ) -> None:
         # Two stores, as two replicas would be; for Redis each with its own client.
         second = Redis.from_url(request.getfixturevalue("redis_url"))
-        replica = RedisAdmission(second, redis_time=False) if isinstance(harness, RedisHarness) else harness.store
+        replica = RedisAdmission(second, redis_time=False) if isinstance(harness, RedisHarness) \
+            else harness.store
         budget = Budget(total=2050)
         seed = ticket(tenant, budget=budget)
         await harness.store.admit(seed, seeds={Period.TOTAL: 0})
@@ -463,7 +465,8 @@ class TestSettleOnce:
         assert probe.granted and probe.budget_remaining == 1
         assert await harness.counter(t, Period.DAILY) == 999
 
-    async def test_a_second_release_changes_nothing(self, harness: Harness, store: Store, tenant: int) -> None:
+    async def test_a_second_release_changes_nothing(
+            self, harness: Harness, store: Store, tenant: int) -> None:
         budget = Budget(daily=1000)
         first = ticket(tenant, budget=budget, prompt=100, completion=100)
         await store.admit(first, seeds={Period.DAILY: 0})

@@ -20,7 +20,7 @@ from adapters.postgres.pool import make_pool
 from adapters.prometheus import GatewayMetrics
 from entrypoints.migrate import upgrade_to_head
 from gateway_core.ports import LedgerEntry
-from tests.integration.writer_helpers import delete_key, new_key, scalar, within
+from tests.integration.writer_helpers import delete_key, new_key, scalar, spool_empty, within
 from tests.services import PrivatePostgres
 
 NOW = 1_790_000_000.0
@@ -42,12 +42,14 @@ def rendered(metrics: GatewayMetrics) -> str:
 
 def prompt_row(key_id: int, prompt: str) -> tuple[object, ...]:
     now = datetime.now(UTC)
-    return (f"req-{uuid.uuid4().hex[:8]}", key_id, "llama3.1:8b", prompt, "answer", now, now + timedelta(days=1))
+    return (f"req-{uuid.uuid4().hex[:8]}", key_id, "llama3.1:8b", prompt, "answer", now,
+            now + timedelta(days=1))
 
 
 class TestPoisonRows:
     async def test_a_nul_prompt_is_repaired_and_marked_and_the_rows_behind_it_land_at_once(
-        self, database_url: str, pool: AsyncConnectionPool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+        self, database_url: str, pool: AsyncConnectionPool, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         key_id, _ = new_key(database_url, prompt_log=True)
         writer = PromptLogWriter(pool, str(tmp_path), flush_every_s=0.05)
@@ -63,14 +65,15 @@ class TestPoisonRows:
         print(f"\n201 prompt rows, one with a NUL, written in {took:.2f}s")
         assert scalar(database_url, "SELECT count(*) FROM gateway.prompt_log WHERE key_id = %s AND repaired"
                       " AND prompt = %s", key_id, "before\ufffdafter") == 1
-        assert scalar(database_url, "SELECT count(*) FROM gateway.prompt_log WHERE key_id = %s AND NOT repaired",
-                      key_id) == 200
+        assert scalar(database_url, "SELECT count(*) FROM gateway.prompt_log WHERE key_id = %s"
+                      " AND NOT repaired", key_id) == 200
         assert writer.repaired == 1 and writer.rejected == 0
         assert any("row repaired" in r.getMessage() for r in caplog.records)
         assert "before" not in caplog.text  # the prompt never reaches the log
 
     async def test_a_settlement_of_a_deleted_key_is_set_aside_and_the_rest_is_charged(
-        self, database_url: str, pool: AsyncConnectionPool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+        self, database_url: str, pool: AsyncConnectionPool, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         gone, _ = new_key(database_url)
         kept, _ = new_key(database_url)
@@ -84,13 +87,15 @@ class TestPoisonRows:
         await ledger.start()
         try:
             took = await within(2.0, _count(
-                database_url, "budget_usage WHERE key_id = %s AND period = 'total' AND requests = 50", kept, 1))
+                database_url, "budget_usage WHERE key_id = %s AND period = 'total' AND requests = 50",
+                kept, 1))
         finally:
             await ledger.stop()
         print(f"\nsettlements behind the poison row charged after {took:.2f}s")
         assert scalar(database_url, "SELECT tokens_in FROM gateway.budget_usage WHERE key_id = %s"
                       " AND period = 'total'", kept) == 100
-        rejected = [json.loads(line) for line in (tmp_path / "ledger.rejected.jsonl").read_text().splitlines()]
+        rejected = [json.loads(line) for line in
+                    (tmp_path / "ledger.rejected.jsonl").read_text().splitlines()]
         assert len(rejected) == 1
         assert rejected[0]["table"] == "budget_usage" and rejected[0]["row"][1] == gone
         assert rejected[0]["error"] == "ForeignKeyViolation"
@@ -125,24 +130,23 @@ class TestSpoolWhileFailing:
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(1.1)
                 # Read while the writer still runs: what a SIGKILL now would leave behind.
-                on_disk = [json.loads(line)[0] for path in tmp_path.glob("audit.*")
-                           for line in path.read_text().splitlines() if not path.name.endswith(".jsonl")]
-                assert set(ids) <= set(on_disk)
+                assert set(ids) <= spooled_ids(tmp_path)
                 metrics = GatewayMetrics()
                 metrics.observe_writer(audit.table, audit.pending, audit.rejected, audit.spool_bytes)
-                assert audit.spool_bytes > 0 and 'gateway_spool_bytes{table="audit_log"} 0' not in rendered(metrics)
+                assert audit.spool_bytes > 0
+                assert 'gateway_spool_bytes{table="audit_log"} 0' not in rendered(metrics)
                 await asyncio.to_thread(pg.start)
 
                 async def landed() -> bool:
                     try:
-                        return scalar(pg.url, "SELECT count(*) FROM gateway.audit_log WHERE id = ANY(%s::uuid[])",
-                                      ids) == len(ids)
+                        return scalar(pg.url, "SELECT count(*) FROM gateway.audit_log"
+                                      " WHERE id = ANY(%s::uuid[])", ids) == len(ids)
                     except Exception:
                         return False
 
                 took = await within(15.0, landed)
                 print(f"\nspooled rows written {took:.2f}s after PostgreSQL came back")
-                await within(5.0, _no_spool(tmp_path))
+                await within(5.0, lambda: spool_empty(tmp_path))
             finally:
                 await audit.stop()
                 await pool.close()
@@ -150,13 +154,13 @@ class TestSpoolWhileFailing:
             pg.destroy()
 
 
+def spooled_ids(spool: Path) -> set[str]:
+    """Audit row ids on disk (spool and replay files) right now."""
+    return {json.loads(line)[0] for path in spool.glob("audit.*") if not path.name.endswith(".jsonl")
+            for line in path.read_text().splitlines()}
+
+
 def _count(database_url: str, where: str, param: object, want: int):  # type: ignore[no-untyped-def]
     async def probe() -> bool:
         return scalar(database_url, f"SELECT count(*) FROM gateway.{where}", param) == want
-    return probe
-
-
-def _no_spool(spool: Path):  # type: ignore[no-untyped-def]
-    async def probe() -> bool:
-        return not [*spool.glob("*.spool"), *spool.glob("*.replaying")]
     return probe

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import psycopg
 
@@ -19,7 +21,8 @@ def new_key(database_url: str, *, prompt_log: bool = False) -> tuple[int, str]:
         assert row is not None
         key = conn.execute(
             "INSERT INTO gateway.api_keys (tenant_id, name, prefix, key_hash, prompt_log_enabled)"
-            " VALUES (%s, 'k', %s, '$argon2id$test', %s) RETURNING id", (row[0], prefix, prompt_log)).fetchone()
+            " VALUES (%s, 'k', %s, '$argon2id$test', %s) RETURNING id",
+            (row[0], prefix, prompt_log)).fetchone()
         assert key is not None
     return int(key[0]), prefix
 
@@ -36,10 +39,19 @@ def scalar(database_url: str, query: str, *params: object) -> int:
     return int(row[0] or 0)
 
 
-async def within(seconds: float, probe: Callable[[], Awaitable[bool]]) -> float:
+def spool_empty(spool: Path) -> bool:
+    return not [*spool.glob("*.spool"), *spool.glob("*.replaying")]
+
+
+async def within(seconds: float, probe: Callable[[], bool | Awaitable[bool]]) -> float:
     """Seconds until *probe* holds; fails after *seconds*."""
     started = time.monotonic()
-    while not await probe():
+
+    async def holds() -> bool:
+        answer = probe()
+        return bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+
+    while not await holds():
         assert time.monotonic() - started < seconds, f"not within {seconds}s"
         await asyncio.sleep(0.05)
     return time.monotonic() - started
