@@ -61,6 +61,8 @@ class PromptLogWriter(BatchWriter):
 
     def revive(self, raw: list[Any]) -> Row:
         row = list(raw)
+        if len(row) == len(PROMPT_COLUMNS) - 1:
+            row.insert(0, str(uuid.uuid4()))  # spooled by a version without row ids
         row[-2], row[-1] = datetime.fromisoformat(row[-2]), datetime.fromisoformat(row[-1])
         return tuple(row)
 

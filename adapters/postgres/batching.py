@@ -30,9 +30,11 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 _log = logging.getLogger("neuronetz.batching")
 Row = tuple[Any, ...]
 
-# Errors that say nothing about the rows: the whole batch is retried later.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError)
+# Errors that say nothing about the rows: the whole batch is retried later (a schema error, say a
+# migration not run yet, is one of them: the rows are fine and must not be set aside).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, PoolTimeout, OSError)
+# Errors about a row's content (SQLSTATE classes 22 and 23, or a row that cannot even be sent).
+ROW_ERRORS: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError, ValueError, TypeError)
 # While failing, the spool is fsynced this often; a flush that waits this long for a connection (the
 # pool retrying a PostgreSQL that is gone) already counts as failing. A crash so loses well under a
 # second of rows.
@@ -258,19 +260,17 @@ class BatchWriter:
 
     async def _write_isolating(self, rows: Sequence[Row]) -> None:
         """Commit *rows*; when Postgres refuses their content, halve until the bad rows are found.
-        A connection-level error propagates and the caller keeps every row for a retry."""
+        Any other error propagates and the caller keeps every row for a retry."""
         try:
             await self._commit(rows)
             return
-        except CONNECTION_ERRORS:
-            raise
-        except psycopg.Error as exc:
+        except ROW_ERRORS as exc:
             if len(rows) > 1:
                 mid = len(rows) // 2
                 await self._write_isolating(rows[:mid])
                 await self._write_isolating(rows[mid:])
                 return
-            error: psycopg.Error = exc
+            error: Exception = exc
         row = rows[0]
         fixed = self.repair(row)
         if fixed is not None:
@@ -279,24 +279,23 @@ class BatchWriter:
                 self.repaired += 1
                 _log.warning("%s: row repaired (%s) and written", self.name, type(error).__name__)
                 return
-            except CONNECTION_ERRORS:
-                raise
-            except psycopg.Error as again:
+            except ROW_ERRORS as again:
                 error = again
         self._reject(row, error)
 
-    def _reject(self, row: Row, error: psycopg.Error) -> None:
+    def _reject(self, row: Row, error: Exception) -> None:
         self._rejects.parent.mkdir(parents=True, exist_ok=True)
+        sqlstate = getattr(error, "sqlstate", None)
         line = json.dumps({"table": self.table, "error": type(error).__name__,
-                           "sqlstate": error.sqlstate, "row": list(row)}, default=str)
+                           "sqlstate": sqlstate, "row": list(row)}, default=str)
         with self._rejects.open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.rejected += 1
         # The error class and state only: Postgres messages quote values, and rows hold prompts.
-        _log.error("%s: row rejected by PostgreSQL (%s, sqlstate %s); set aside in %s", self.name,
-                   type(error).__name__, error.sqlstate, self._rejects)
+        _log.error("%s: row rejected (%s, sqlstate %s); set aside in %s", self.name,
+                   type(error).__name__, sqlstate, self._rejects)
 
     # -- spool ------------------------------------------------------------------------------------
 

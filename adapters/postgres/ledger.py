@@ -9,6 +9,7 @@ a lost COMMIT acknowledgement, or a spool replayed twice, changes nothing.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from typing import Any
@@ -44,6 +45,12 @@ class PostgresLedger(BatchWriter):
 
     def record(self, entry: LedgerEntry) -> None:
         self.put((entry.settlement_id, entry.key_id, entry.admitted_at, entry.tokens_in, entry.tokens_out))
+
+    def revive(self, raw: list[Any]) -> Row:
+        if len(raw) == 4:
+            # Spooled by a version without settlement ids: (key_id, settled at, in, out).
+            return (uuid.uuid4().hex, *raw)
+        return tuple(raw)
 
     def repair(self, row: Row) -> Row | None:
         return None  # numbers only: a refused settlement (its key deleted) cannot be mended

@@ -47,11 +47,6 @@ def _tag(tenant_id: int) -> str:
     return f"gw:{{t:{tenant_id}}}"
 
 
-def lease_keys(ticket: Ticket) -> tuple[str, str]:
-    tag = _tag(ticket.tenant_id)
-    return f"{tag}:cc:k:{ticket.key_id}", f"{tag}:cc:t"
-
-
 def budget_key(ticket: Ticket, period: Period) -> str:
     start = period.start(ticket.now)
     return f"{_tag(ticket.tenant_id)}:bud:{ticket.key_id}:{period.value}:{start:%Y%m%d}"
