@@ -51,7 +51,8 @@ if op == 'renew' then
     redis.call('ZADD', key, 'XX', now + lease_ttl, lease)
     redis.call('PEXPIRE', key, 2 * lease_ttl)
   end
-  redis.call('EXPIRE', marker, MARKER_TTL_S)
+  local state = redis.call('GET', marker)
+  if state and state ~= 'done' then redis.call('EXPIRE', marker, MARKER_TTL_S) end
   return 'OK'
 end
 
