@@ -30,6 +30,21 @@ class GatewayMetrics:
                                    registry=self.registry)
         self.discovered_models = Gauge("gateway_discovered_models", "Models in the discovery cache.",
                                        registry=self.registry)
+        # Writers (SPEC §8.3), labelled by table: audit_log, budget_usage, prompt_log.
+        self.rows_rejected = Counter("gateway_rows_rejected_total",
+                                     "Rows PostgreSQL refused that were set aside in the reject file.",
+                                     registry=self.registry)
+        self.writer_queue = Gauge("gateway_writer_queue_rows", "Rows queued in memory for a writer.",
+                                  registry=self.registry)
+        self.spool_bytes = Gauge("gateway_spool_bytes", "Bytes waiting in a writer's spool file.",
+                                 registry=self.registry)
+
+    def observe_writer(self, table: str, queued: int, rejected: int, spool_bytes: int) -> None:
+        """Refresh one writer's series before /metrics renders (the writer keeps the counts)."""
+        labels = {"table": table}
+        self.writer_queue.set(labels, float(queued))
+        self.spool_bytes.set(labels, float(spool_bytes))
+        self.rows_rejected.set(labels, float(rejected))
 
     def observe(self, tenant: str | None, model: str | None, status: int, tokens_in: int, tokens_out: int,
                 seconds: float) -> None:

@@ -141,6 +141,8 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         metrics.discovery_age.set({}, seconds_since(discovery.last_success))
         catalog = discovery.current(clock.now())
         metrics.discovered_models.set({}, float(len(catalog.names) if catalog else 0))
+        for writer in (ledger, audit, prompts):
+            metrics.observe_writer(writer.table, writer.pending, writer.rejected, writer.spool_bytes)
 
     app[REFRESH_GAUGES] = refresh_gauges
     await redis_health.start()

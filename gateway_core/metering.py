@@ -76,7 +76,9 @@ class Metering:
         grant.settled = True
         self.in_flight.pop(grant.ticket.lease_id, None)
         now = self._clock.now()
-        self._ledger.record(LedgerEntry(grant.ticket.key_id, now, prompt_tokens, completion_tokens))
+        # The admission's period instances, as in Redis: a stream crossing midnight stays on its day.
+        self._ledger.record(LedgerEntry(grant.ticket.lease_id, grant.ticket.key_id, grant.ticket.now,
+                                        prompt_tokens, completion_tokens))
         await self._store.settle(Settlement(grant.ticket, grant.reserved_tokens, prompt_tokens,
                                             completion_tokens, now))
 

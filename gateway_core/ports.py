@@ -165,10 +165,15 @@ class AdmissionStore(Protocol):
 
 @frozen
 class LedgerEntry:
-    """One settled request, to be added to the ledger for every period (SPEC §6.3)."""
+    """One settled request, to be added to the ledger for every period (SPEC §6.3).
 
+    `settlement_id` (the ticket's lease id) makes it count once however often it is written;
+    `admitted_at` picks the period instances, the same ones Redis charged at admission.
+    """
+
+    settlement_id: str
     key_id: int
-    at: float
+    admitted_at: float
     tokens_in: int
     tokens_out: int
 
@@ -177,7 +182,8 @@ class UsageLedger(Protocol):
     """The budget ledger in PostgreSQL: batched, retried, never dropped (SPEC §6.3)."""
 
     def record(self, entry: LedgerEntry) -> None:
-        """Queue *entry*; never blocks the request and never drops it."""
+        """Queue *entry*; never blocks the request and never drops it. An entry whose
+        settlement id was applied before changes nothing."""
         ...
 
     async def used(self, key_id: int, starts: dict[Period, date]) -> dict[Period, int]:

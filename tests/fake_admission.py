@@ -32,6 +32,9 @@ class InMemoryAdmission:
         self.requests: dict[Scope, dict[str, int]] = defaultdict(dict)  # lease_id → admitted at ms
         self.tokens: dict[Scope, dict[str, tuple[int, int]]] = defaultdict(dict)  # → (at ms, tokens)
         self.counters: dict[CounterId, int] = {}
+        # The script's lease markers: "open" from grant to the first settle or release, then
+        # "done", so a second one changes nothing.
+        self.lease_state: dict[str, str] = {}
 
     def flush(self) -> None:
         """What a Redis restart does: every window, lease and counter is gone."""
@@ -39,6 +42,7 @@ class InMemoryAdmission:
         self.requests.clear()
         self.tokens.clear()
         self.counters.clear()
+        self.lease_state.clear()
 
     def counter(self, ticket: Ticket, period: Period) -> int | None:
         return self.counters.get(_counter_id(ticket, period))
@@ -112,6 +116,7 @@ class InMemoryAdmission:
                 self.tokens[scope][ticket.lease_id] = (now, need)
         for period in caps:
             self.counters[_counter_id(ticket, period)] += need
+        self.lease_state[ticket.lease_id] = "open"
         return Admission(granted=True, completion_tokens=completion,
                          reserved={p: need for p in caps},
                          **self._report(ticket, now, used, missing, need))
@@ -131,6 +136,18 @@ class InMemoryAdmission:
                     self.leases[scope][ticket.lease_id] = _ms(now + LEASE_TTL_S)
 
     def _correct(self, ticket: Ticket, real: int | None, budget_delta: int) -> None:
+        state = self.lease_state.get(ticket.lease_id)
+        if state == "done":
+            return
+        self.lease_state[ticket.lease_id] = "done"
+        if state is None:
+            # Lost in a flush: counters rebuilt from the ledger lack it; a settlement adds its usage.
+            if real is not None:
+                for period in ticket.budget.caps():
+                    cid = _counter_id(ticket, period)
+                    if cid in self.counters:
+                        self.counters[cid] += real
+            return
         at = _ms(ticket.now)
         for scope in _scopes(ticket):
             self.leases[scope].pop(ticket.lease_id, None)

@@ -126,17 +126,19 @@ class InMemoryTenantStore:
 
 
 class InMemoryLedger:
-    """The ledger as a list; `used` sums what was recorded, like Postgres plus the pending queue."""
+    """The ledger as a list; `used` sums what was recorded, like Postgres plus the pending queue.
+    Like the real one it applies a settlement id once."""
 
     def __init__(self) -> None:
         self.entries: list[LedgerEntry] = []
 
     def record(self, entry: LedgerEntry) -> None:
-        self.entries.append(entry)
+        if all(e.settlement_id != entry.settlement_id for e in self.entries):
+            self.entries.append(entry)
 
     async def used(self, key_id: int, starts: dict[Period, date]) -> dict[Period, int]:
         return {p: sum(e.tokens_in + e.tokens_out for e in self.entries
-                       if e.key_id == key_id and p.start(e.at) == s) for p, s in starts.items()}
+                       if e.key_id == key_id and p.start(e.admitted_at) == s) for p, s in starts.items()}
 
 
 class InMemoryKeyCache:

@@ -1,7 +1,12 @@
-"""Audit rows (SPEC §5, §8.3) and prompt-log rows, written in batches off the request path."""
+"""Audit rows (SPEC §5, §8.3) and prompt-log rows, written in batches off the request path.
+
+Both carry a row id made by the gateway (not the caller's X-Request-Id, which callers may repeat),
+so a replayed spool cannot add a row twice. A row repaired by the writer (NUL replaced) is marked.
+"""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -9,21 +14,31 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from adapters.postgres.batching import BatchWriter, Row
+from adapters.postgres.batching import BatchWriter, Repaired, Row
 
 AUDIT_COLUMNS = ("id", "request_id", "key_prefix", "tenant_id", "model", "route", "tokens_in", "tokens_out",
                  "status", "latency_ms", "client_ip", "created_at")
+PROMPT_COLUMNS = ("row_id", "request_id", "key_id", "model", "prompt", "response", "created_at", "expires_at")
+
+
+def _insert(table: str, columns: tuple[str, ...], conflict: str) -> str:
+    names = (*columns, "repaired")
+    return (f"INSERT INTO gateway.{table} ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))})"
+            f" ON CONFLICT ({conflict}) DO NOTHING")
+
+
+def _marked(rows: Sequence[Row]) -> list[Row]:
+    return [(*row, isinstance(row, Repaired)) for row in rows]
 
 
 class AuditWriter(BatchWriter):
     name = "audit"
+    table = "audit_log"
+    _sql = _insert("audit_log", AUDIT_COLUMNS, "id")
 
     async def write(self, conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> None:
-        # Row ids are made by the gateway, so a replayed spool cannot add a row twice.
         async with conn.cursor() as cur:
-            await cur.executemany(
-                f"INSERT INTO gateway.audit_log ({', '.join(AUDIT_COLUMNS)}) VALUES "
-                f"({', '.join(['%s'] * len(AUDIT_COLUMNS))}) ON CONFLICT (id) DO NOTHING", rows)
+            await cur.executemany(self._sql, _marked(rows))
 
     def revive(self, raw: list[Any]) -> Row:
         row = list(raw)
@@ -33,15 +48,21 @@ class AuditWriter(BatchWriter):
 
 class PromptLogWriter(BatchWriter):
     name = "prompt_log"
+    table = "prompt_log"
+    _sql = _insert("prompt_log", PROMPT_COLUMNS, "row_id")
+
+    def put(self, row: Row) -> None:
+        """*row* as (request_id, key_id, model, prompt, response, created_at, expires_at)."""
+        super().put((str(uuid.uuid4()), *row))
 
     async def write(self, conn: psycopg.AsyncConnection[Any], rows: Sequence[Row]) -> None:
         async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO gateway.prompt_log (request_id, key_id, model, prompt, response, created_at,"
-                " expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
+            await cur.executemany(self._sql, _marked(rows))
 
     def revive(self, raw: list[Any]) -> Row:
         row = list(raw)
+        if len(row) == len(PROMPT_COLUMNS) - 1:
+            row.insert(0, str(uuid.uuid4()))  # spooled by a version without row ids
         row[-2], row[-1] = datetime.fromisoformat(row[-2]), datetime.fromisoformat(row[-1])
         return tuple(row)
 

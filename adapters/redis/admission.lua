@@ -5,18 +5,33 @@
 --       3 rpm:key     4 rpm:tenant      (ZSET lease_id -> admitted at ms)
 --       5 tpm:key     6 tpm-sum:key     (ZSET "lease_id|tokens" -> admitted at ms, plus running sum)
 --       7 tpm:tenant  8 tpm-sum:tenant
---       9.. one budget counter per configured period, in ARGV order
--- ARGV  1 op ("admit" | "settle" | "release")  2 now ms  3 lease_id
+--       9 this lease's marker (admission time ms from grant until settle/release, then "done")
+--       10.. one budget counter per configured period, in ARGV order
+-- ARGV  1 op ("admit" | "settle" | "release" | "renew")  2 now ms, or -1 for Redis TIME  3 lease_id
 --   admit:   4 prompt  5 completion asked  6 lease ttl ms  7 window ms
 --            8 concurrent:key  9 concurrent:tenant  10 rpm:key  11 rpm:tenant  12 tpm:key  13 tpm:tenant
 --            (-1 = unlimited), then per period: name, cap, ms to reset (-1 = never),
 --            seed (-1 = none), counter ttl s (-1 = none)
 --   settle:  4 real tokens  5 reserved tokens      release: 5 reserved tokens
--- Times are integer milliseconds of the caller's clock, so scores stay exact as Lua numbers.
+--   renew:   4 lease ttl ms
+-- Leases and windows run on Redis' clock (TIME), so a replica whose clock is off cannot shorten
+-- anyone's lease; budget period instances are the replica's choice at admission (in KEYS).
+-- Times are integer milliseconds, so scores stay exact as Lua numbers.
 
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local lease = ARGV[3]
+local marker = KEYS[9]
+local FIRST_BUDGET = 10
+-- A settlement after a replica stalled this long finds no marker and changes nothing in Redis
+-- (the ledger still charges it, and counters are rebuilt from the ledger).
+local MARKER_TTL_S = 3600
+-- How long a settled lease's tombstone turns away a repeated settle or release.
+local SETTLED_TTL_S = 120
 
 local function tokens_of(member)
   return tonumber(string.match(member, '|(%d+)$')) or 0
@@ -29,20 +44,45 @@ local function add_clamped(key, delta)
   if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
 end
 
+if op == 'renew' then
+  -- XX: a lease already settled, released or expired is not brought back.
+  local lease_ttl = tonumber(ARGV[4])
+  for _, key in ipairs({KEYS[1], KEYS[2]}) do
+    redis.call('ZADD', key, 'XX', now + lease_ttl, lease)
+    redis.call('PEXPIRE', key, 2 * lease_ttl)
+  end
+  local state = redis.call('GET', marker)
+  if state and state ~= 'done' then redis.call('EXPIRE', marker, MARKER_TTL_S) end
+  return 'OK'
+end
+
 if op == 'settle' or op == 'release' then
+  -- Once per lease: the first settle or release turns the marker into a tombstone, so a retry
+  -- (say after a lost answer) is a no-op.
+  local at = redis.call('GET', marker)
+  if at == 'done' then return 'DONE' end
+  redis.call('SET', marker, 'done', 'EX', SETTLED_TTL_S)
   local real = tonumber(ARGV[4]) or 0
   local reserved = tonumber(ARGV[5])
+  if not at then
+    -- Redis lost this lease (flush, restart): its windows are gone and the budget counters were
+    -- rebuilt from the ledger without it, so a settlement adds its real usage and nothing else.
+    if op == 'settle' then
+      for k = FIRST_BUDGET, #KEYS do add_clamped(KEYS[k], real) end
+    end
+    return 'OK'
+  end
   redis.call('ZREM', KEYS[1], lease)
   redis.call('ZREM', KEYS[2], lease)
   local prefix = lease .. '|'
   for _, pair in ipairs({{KEYS[5], KEYS[6]}, {KEYS[7], KEYS[8]}}) do
     -- The entry keeps its admission time, so it is found by score without a scan.
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', pair[1], ARGV[2], ARGV[2])) do
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', pair[1], at, at)) do
       if string.sub(m, 1, #prefix) == prefix then
         local estimate = tokens_of(m)
         redis.call('ZREM', pair[1], m)
         if op == 'settle' then
-          redis.call('ZADD', pair[1], ARGV[2], prefix .. real)
+          redis.call('ZADD', pair[1], at, prefix .. real)
           add_clamped(pair[2], real - estimate)
         else
           add_clamped(pair[2], -estimate)
@@ -51,7 +91,7 @@ if op == 'settle' or op == 'release' then
     end
   end
   local delta = (op == 'settle') and (real - reserved) or -reserved
-  for k = 9, #KEYS do add_clamped(KEYS[k], delta) end
+  for k = FIRST_BUDGET, #KEYS do add_clamped(KEYS[k], delta) end
   return 'OK'
 end
 
@@ -79,7 +119,7 @@ local levels = {
 
 local periods = {}
 do
-  local i, k = 14, 9
+  local i, k = 14, FIRST_BUDGET
   while i <= #ARGV do
     periods[#periods + 1] = {name = ARGV[i], cap = tonumber(ARGV[i + 1]), reset = tonumber(ARGV[i + 2]),
                              seed = tonumber(ARGV[i + 3]), ttl = tonumber(ARGV[i + 4]), key = KEYS[k]}
@@ -285,6 +325,8 @@ for _, lv in ipairs(levels) do
   end
 end
 for _, p in ipairs(periods) do redis.call('INCRBY', p.key, need) end
+-- Lives as long as a settlement may still come (renewed with the lease).
+redis.call('SET', marker, now, 'EX', MARKER_TTL_S)
 
 local out = {granted = true, completion = granted_completion, reserved = need,
              rq = window_state('requests', 'rpm_limit', 'rpm', 1),

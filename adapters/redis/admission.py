@@ -5,8 +5,12 @@ Key layout; every key of one tenant carries the hash tag `{t:<tenant_id>}` (Redi
   gw:{t:T}:rq:k:<key_id> / gw:{t:T}:rq:t     ZSET lease_id → admission time (ms), sliding rpm log
   gw:{t:T}:tk:k:<key_id> / gw:{t:T}:tk:t     ZSET "<lease_id>|<tokens>" → admission time (ms), tpm log
   gw:{t:T}:tks:k:<key_id> / gw:{t:T}:tks:t   running sum of the tpm log
+  gw:{t:T}:ls:<lease_id>                     admission time (ms) of a granted, unsettled lease
   gw:{t:T}:bud:<key_id>:<period>:<YYYYMMDD>  tokens used in that period instance, reservations included
-Windows and leases are only kept for limits that are set; times are the caller's clock, in ms.
+Windows and leases are only kept for limits that are set. Their times come from Redis (`TIME` in the
+script), so replicas with skewed clocks agree; the budget period instance is the replica's choice at
+admission (ticket.now), and settlement corrects that same instance. Settle and release are
+idempotent per lease id: the lease marker goes with the first, so a retry changes nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from gateway_core.limits import WINDOW_S
 # A settlement for a request that began before a period rolled over still finds its counter.
 COUNTER_GRACE_S = 3600
 _UNLIMITED = -1
+_REDIS_TIME = -1
 
 
 @cache
@@ -42,11 +47,6 @@ def _tag(tenant_id: int) -> str:
     return f"gw:{{t:{tenant_id}}}"
 
 
-def lease_keys(ticket: Ticket) -> tuple[str, str]:
-    tag = _tag(ticket.tenant_id)
-    return f"{tag}:cc:k:{ticket.key_id}", f"{tag}:cc:t"
-
-
 def budget_key(ticket: Ticket, period: Period) -> str:
     start = period.start(ticket.now)
     return f"{_tag(ticket.tenant_id)}:bud:{ticket.key_id}:{period.value}:{start:%Y%m%d}"
@@ -55,7 +55,8 @@ def budget_key(ticket: Ticket, period: Period) -> str:
 def _keys(ticket: Ticket) -> list[str]:
     # Period instances change at most daily, so the key list is the same for a key all day long.
     periods = tuple(ticket.budget.caps())
-    return list(_keys_for(ticket.tenant_id, ticket.key_id, periods, int(ticket.now // 86400)))
+    shared = _keys_for(ticket.tenant_id, ticket.key_id, periods, int(ticket.now // 86400))
+    return [*shared[:8], f"{_tag(ticket.tenant_id)}:ls:{ticket.lease_id}", *shared[8:]]
 
 
 @lru_cache(maxsize=4096)
@@ -75,10 +76,10 @@ def _limit(value: int | None) -> int:
     return _UNLIMITED if value is None else value
 
 
-def _admit_args(ticket: Ticket, seeds: dict[Period, int]) -> list[str | int]:
+def _admit_args(ticket: Ticket, seeds: dict[Period, int], now_ms: int) -> list[str | int]:
     k, t = ticket.key_limits, ticket.tenant_limits
     args: list[str | int] = [
-        "admit", _ms(ticket.now), ticket.lease_id, ticket.prompt_tokens, ticket.completion_tokens,
+        "admit", now_ms, ticket.lease_id, ticket.prompt_tokens, ticket.completion_tokens,
         _ms(LEASE_TTL_S), _ms(WINDOW_S),
         _limit(k.concurrent), _limit(t.concurrent), _limit(k.rpm), _limit(t.rpm),
         _limit(k.tpm), _limit(t.tpm),
@@ -130,18 +131,25 @@ def _admission(ticket: Ticket, out: dict[str, Any]) -> Admission:
 class RedisAdmission:
     """The AdmissionStore on Redis; safe to share between replicas (all state lives in Redis).
 
-    `settle` and `release` must each be called at most once per granted ticket: they apply deltas.
+    `settle` and `release` may be retried: only the first of them for a lease changes anything.
+    *redis_time* False makes leases and windows use the tickets' clock instead of Redis `TIME`;
+    only the contract tests, which drive time, want that.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, redis_time: bool = True) -> None:
         self._redis = redis
+        self._redis_time = redis_time
         # EVALSHA; redis-py loads the script and retries once if the server answers NOSCRIPT.
         self._script = redis.register_script(_lua_source())
+
+    def _now(self, now: float) -> int:
+        return _REDIS_TIME if self._redis_time else _ms(now)
 
     async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None) -> Admission:
         """One atomic round trip; a denial or a `missing_periods` answer consumes nothing."""
         async with redis_guard():
-            raw = await self._script(keys=_keys(ticket), args=_admit_args(ticket, seeds or {}))
+            raw = await self._script(keys=_keys(ticket),
+                                     args=_admit_args(ticket, seeds or {}, self._now(ticket.now)))
         return _admission(ticket, json.loads(raw))
 
     async def settle(self, settlement: Settlement) -> None:
@@ -151,7 +159,7 @@ class RedisAdmission:
         async with redis_guard():
             await self._script(
                 keys=_keys(ticket),
-                args=["settle", _ms(ticket.now), ticket.lease_id, real, settlement.reserved_tokens],
+                args=["settle", self._now(ticket.now), ticket.lease_id, real, settlement.reserved_tokens],
             )
 
     async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
@@ -159,21 +167,19 @@ class RedisAdmission:
         no tokens. Its rpm entry stays: an attempt counts against requests per minute."""
         async with redis_guard():
             await self._script(
-                keys=_keys(ticket), args=["release", _ms(ticket.now), ticket.lease_id, 0, reserved_tokens]
+                keys=_keys(ticket),
+                args=["release", self._now(ticket.now), ticket.lease_id, 0, reserved_tokens],
             )
 
     async def renew(self, tickets: list[Ticket], now: float) -> None:
-        """Push the leases of in-flight *tickets* to now + LEASE_TTL_S, in one pipelined round trip.
-
-        XX: a lease already settled, released or expired is not brought back.
-        """
+        """Push the leases of in-flight *tickets* to now + LEASE_TTL_S (Redis time), in one pipelined
+        round trip. A lease already settled, released or expired is not brought back."""
         if not tickets:
             return
-        expiry = _ms(now + LEASE_TTL_S)
         async with redis_guard():
             pipe = self._redis.pipeline(transaction=False)
             for ticket in tickets:
-                for key in lease_keys(ticket):
-                    pipe.zadd(key, {ticket.lease_id: expiry}, xx=True)
-                    pipe.pexpire(key, 2 * _ms(LEASE_TTL_S))
+                await self._script(keys=_keys(ticket),
+                                   args=["renew", self._now(now), ticket.lease_id, _ms(LEASE_TTL_S)],
+                                   client=pipe)
             await pipe.execute()

@@ -51,7 +51,8 @@ class FakeHarness:
 class RedisHarness:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.store: Store = RedisAdmission(redis)
+        # The contract drives time through the tickets; TestRedisTime covers Redis' own clock.
+        self.store: Store = RedisAdmission(redis, redis_time=False)
 
     async def counter(self, ticket: Ticket, period: Period) -> int | None:
         raw = await self.redis.get(budget_key(ticket, period))
@@ -377,13 +378,16 @@ class TestBudget:
         await store.settle(settlement(t, a, prompt=100, completion=150))
         assert await harness.counter(t, Period.DAILY) is None
 
-    async def test_counters_never_go_below_zero(self, harness: Harness, store: Store, tenant: int) -> None:
+    async def test_a_settlement_lost_in_a_flush_adds_its_real_usage(
+            self, harness: Harness, store: Store, tenant: int) -> None:
         t = ticket(tenant, budget=Budget(daily=1000), prompt=100, completion=200)
         a = await store.admit(t, seeds={Period.DAILY: 0})
         await harness.flush(tenant)
         assert (await store.admit(ticket(tenant, budget=Budget(daily=1000)), seeds={Period.DAILY: 0})).granted
         await store.settle(settlement(t, a, prompt=10, completion=0))
-        assert await harness.counter(t, Period.DAILY) == 0
+        # The flush took t's reservation with it and the rebuilt counter lacks t: its real 10 is
+        # added, and its 300 reservation is not taken back from a counter that never held it.
+        assert await harness.counter(t, Period.DAILY) == 30
 
     async def test_a_missing_counter_asks_for_seeds_then_decides(
         self, harness: Harness, store: Store, tenant: int
@@ -423,7 +427,8 @@ class TestBudget:
     ) -> None:
         # Two stores, as two replicas would be; for Redis each with its own client.
         second = Redis.from_url(request.getfixturevalue("redis_url"))
-        replica = RedisAdmission(second) if isinstance(harness, RedisHarness) else harness.store
+        replica = RedisAdmission(second, redis_time=False) if isinstance(harness, RedisHarness) \
+            else harness.store
         budget = Budget(total=2050)
         seed = ticket(tenant, budget=budget)
         await harness.store.admit(seed, seeds={Period.TOTAL: 0})
@@ -440,6 +445,74 @@ class TestBudget:
         assert sum(a.granted for a in results) == 21
         assert all(a.denial is Denial.BUDGET for a in results if not a.granted)
         assert await harness.counter(seed, Period.TOTAL) == 2050
+
+
+class TestSettleOnce:
+    async def test_a_second_settle_of_the_same_lease_changes_nothing(
+            self, harness: Harness, store: Store, tenant: int) -> None:
+        budget, tpm = Budget(daily=1000), Limits(tpm=1000, concurrent=1)
+        t = ticket(tenant, tenant=tpm, budget=budget, prompt=100, completion=200)
+        a = await store.admit(t, seeds={Period.DAILY: 0})
+        assert a.granted
+        done = settlement(t, a, 100, 50)
+        await store.settle(done)
+        await store.settle(done)  # a retry after a lost answer
+        await store.release(t, 300)  # and a late release
+        assert await harness.counter(t, Period.DAILY) == 150
+        # tpm and the budget hold the real 150 once, and the one slot is free again
+        probe = await store.admit(ticket(tenant, tenant=tpm, budget=budget, prompt=849, completion=0,
+                                         now=MINUTE + 2))
+        assert probe.granted and probe.budget_remaining == 1
+        assert await harness.counter(t, Period.DAILY) == 999
+
+    async def test_a_second_release_changes_nothing(
+            self, harness: Harness, store: Store, tenant: int) -> None:
+        budget = Budget(daily=1000)
+        first = ticket(tenant, budget=budget, prompt=100, completion=100)
+        await store.admit(first, seeds={Period.DAILY: 0})
+        second = ticket(tenant, budget=budget, prompt=100, completion=100, now=MINUTE + 1)
+        await store.admit(second)
+        await store.release(first, 200)
+        await store.release(first, 200)
+        assert await harness.counter(first, Period.DAILY) == 200
+
+
+class TestRedisTime:
+    """Leases and windows run on Redis' clock: replicas whose clocks disagree still agree."""
+
+    async def test_a_replica_clock_far_ahead_does_not_escape_the_rpm_window(self, redis_url: str) -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            store, tenant, one = RedisAdmission(redis), uuid.uuid4().int % 10**9, Limits(rpm=1)
+            wall = float((await redis.time())[0])
+            assert (await store.admit(ticket(tenant, tenant=one, now=wall - 300))).granted
+            ahead = await store.admit(ticket(tenant, tenant=one, now=wall + 300))
+        finally:
+            await redis.aclose()
+        assert ahead.denial is Denial.RPM
+        assert 50 < ahead.retry_after_s <= 60
+
+    async def test_a_replica_clock_behind_does_not_shorten_a_lease(self, redis_url: str) -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            store, tenant, one = RedisAdmission(redis), uuid.uuid4().int % 10**9, Limits(concurrent=1)
+            secs, micros = await redis.time()
+            wall = secs + micros / 1e6
+            t = ticket(tenant, tenant=one, now=wall - 3600)  # this replica is an hour behind
+            assert (await store.admit(t)).granted
+            (_, expiry), = await redis.zrange(f"gw:{{t:{tenant}}}:cc:t", 0, -1, withscores=True)
+            assert abs(expiry / 1000 - (wall + LEASE_TTL_S)) < 5
+            # another replica an hour ahead still sees the slot taken
+            assert (await store.admit(ticket(tenant, tenant=one, now=wall + 3600))).denial \
+                is Denial.CONCURRENCY
+            await store.renew([t], wall - 3600)
+            (_, renewed), = await redis.zrange(f"gw:{{t:{tenant}}}:cc:t", 0, -1, withscores=True)
+            assert renewed >= expiry
+            await store.settle(Settlement(ticket=t, reserved_tokens=20, prompt_tokens=10,
+                                          completion_tokens=5, now=wall))
+            assert (await store.admit(ticket(tenant, tenant=one, now=wall + 3600))).granted
+        finally:
+            await redis.aclose()
 
 
 class TestFakeMatchesRedis:

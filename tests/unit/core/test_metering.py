@@ -33,7 +33,7 @@ class TestMetering:
         assert grant.admission.completion_tokens == 512 and grant.completion_cap is None
         await metering.settle(grant, 9, 20)
         await metering.settle(grant, 9, 20)  # settling twice charges once
-        assert ledger.entries == [LedgerEntry(5, clock.now(), 9, 20)]
+        assert ledger.entries == [LedgerEntry(grant.ticket.lease_id, 5, clock.now(), 9, 20)]
 
     async def test_a_budget_caps_the_completion_and_exhaustion_is_budget_exhausted(self, rig: Rig) -> None:
         metering, _, _, _ = rig
