@@ -4,15 +4,27 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-unit test-integration test-e2e lint migrate dev bench clean
+.PHONY: install lock lock-upgrade test test-unit test-integration test-e2e test-packaging lint migrate dev bench clean
+
+# The locks (requirements/*.lock, with hashes) are what the image, CI and `make install` install.
+# `make lock` after editing pyproject.toml's dependencies keeps every other pin; `make lock-upgrade`
+# moves everything to the newest releases the ranges allow.
+LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+lock: install
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) $(LOCK_ARGS) -o requirements/base.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) $(LOCK_ARGS) -o requirements/dev.lock
+
+lock-upgrade:
+	$(MAKE) lock LOCK_ARGS=--upgrade
 
 # pytest exits 5 when it collects nothing; make treats that as a failure too.
 test: install
