@@ -26,18 +26,26 @@ lock: install
 lock-upgrade:
 	$(MAKE) lock LOCK_ARGS=--upgrade
 
-# pytest exits 5 when it collects nothing; make treats that as a failure too.
+# PostgreSQL and Redis: the ones at DATABASE_URL/REDIS_URL, or private ones started (and stopped)
+# by deploy/services.sh when none answer there. pytest exits 5 when it collects nothing: make fails then.
+TEST_SERVICES := deploy/services.sh run .dev/test-services
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(TEST_SERVICES) $(PYTEST) $(PYTEST_ARGS)
 
 test-unit: install
-	$(BIN)/python -m pytest -q tests/unit
+	$(PYTEST) tests/unit
 
 test-integration: install
-	$(BIN)/python -m pytest -q tests/integration
+	$(TEST_SERVICES) $(PYTEST) tests/integration
 
 test-e2e: install
-	$(BIN)/python -m pytest -q tests/e2e
+	$(TEST_SERVICES) $(PYTEST) tests/e2e
+
+# The wheel, installed into a fresh venv: migrate, serve (until /readyz), create-tenant.
+test-packaging: install
+	$(TEST_SERVICES) $(PYTEST) tests/packaging
 
 lint: install
 	$(BIN)/ruff check .
