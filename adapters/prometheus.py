@@ -10,6 +10,8 @@ from aiohttp import web
 from aioprometheus import Counter, Gauge, Histogram, Registry, render
 
 UNKNOWN = "-"
+# The tables the batched writers fill; their series exist from the start, so alerts see a 0.
+WRITER_TABLES = ("audit_log", "budget_usage", "prompt_log")
 
 
 class GatewayMetrics:
@@ -30,6 +32,17 @@ class GatewayMetrics:
                                    registry=self.registry)
         self.discovered_models = Gauge("gateway_discovered_models", "Models in the discovery cache.",
                                        registry=self.registry)
+        self.rows_rejected = Counter("gateway_rows_rejected_total",
+                                     "Rows PostgreSQL rejected that were set aside, by table.",
+                                     registry=self.registry)
+        self.writer_queue_rows = Gauge("gateway_writer_queue_rows", "Rows waiting in a writer's queue.",
+                                       registry=self.registry)
+        self.spool_bytes = Gauge("gateway_spool_bytes", "Bytes in a writer's spool file on disk.",
+                                 registry=self.registry)
+        for table in WRITER_TABLES:
+            self.rows_rejected.add({"table": table}, 0)
+            self.writer_queue_rows.set({"table": table}, 0)
+            self.spool_bytes.set({"table": table}, 0)
 
     def observe(self, tenant: str | None, model: str | None, status: int, tokens_in: int, tokens_out: int,
                 seconds: float) -> None:
