@@ -85,8 +85,9 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(gateway: Gateway, 
     assert len(dashboard) >= 10 and len(alerts) >= 6
     named = {name for expr in dashboard + alerts for name in METRIC.findall(expr)}
     # Everything the issue asks the dashboard to show, and every alert it lists, has a metric behind it.
-    for wanted in ("gateway_requests_total", "gateway_tokens_total", "gateway_request_duration_seconds_bucket",
-                   "gateway_circuit_state", "gateway_discovery_age_seconds", "gateway_writer_queue_rows",
+    for wanted in ("gateway_requests_total", "gateway_tokens_total",
+                   "gateway_request_duration_seconds_bucket", "gateway_circuit_state",
+                   "gateway_discovery_age_seconds", "gateway_writer_queue_rows",
                    "gateway_spool_bytes", "gateway_rows_rejected_total"):
         assert wanted in named, wanted
     missing = sorted(named - series)

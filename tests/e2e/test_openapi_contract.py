@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
+from schemathesis import checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from schemathesis import checks
 from tests.services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +46,8 @@ def _wait(url: str, timeout_s: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def live(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[dict[str, str]]:
     """A served gateway and a key whose tenant may use the fake's chat and embedding model."""
     workdir = tmp_path_factory.mktemp("openapi")
     fake_port, port = free_port(), free_port()
