@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock lock-upgrade test test-unit test-integration test-e2e test-packaging lint migrate dev bench clean
+.PHONY: install lock lock-upgrade compose-tool test test-unit test-integration test-e2e test-packaging lint migrate dev bench clean
 
 # The locks (requirements/*.lock, with hashes) are what the image, CI and `make install` install.
 # `make lock` after editing pyproject.toml's dependencies keeps every other pin; `make lock-upgrade`
@@ -31,13 +31,20 @@ lock-upgrade:
 TEST_SERVICES := deploy/services.sh run .dev/test-services
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 
-test: install
+test: install compose-tool
 	$(TEST_SERVICES) $(PYTEST) $(PYTEST_ARGS)
+
+# tests/integration/test_deploy_assets.py checks the compose files with Debian's docker-compose (v1,
+# no daemon needed); installed here when missing and we are root, otherwise that test says what to do.
+compose-tool:
+	@command -v docker-compose >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] \
+		|| (apt-get update -qq && apt-get install -y -qq docker-compose) >/dev/null 2>&1 \
+		|| echo "docker-compose could not be installed; the compose checks will fail"
 
 test-unit: install
 	$(PYTEST) tests/unit
 
-test-integration: install
+test-integration: install compose-tool
 	$(TEST_SERVICES) $(PYTEST) tests/integration
 
 test-e2e: install
