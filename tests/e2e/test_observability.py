@@ -46,7 +46,8 @@ CHAT_MODEL = "llama3.1:8b"
 EMBED_MODEL = "nomic-embed-text:latest"
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_"
 FULL_KEY_RE = re.compile(r"nz_[A-Za-z0-9_-]{43}")
-ALLOWED_LABELS = {"tenant", "model", "status", "direction", "le"}
+# `table`: the writer metrics (audit_log, budget_usage, prompt_log), a fixed set.
+ALLOWED_LABELS = {"tenant", "model", "status", "direction", "le", "table"}
 
 
 # ------------------------------------------------------------------------------------------------
