@@ -10,6 +10,8 @@ from aiohttp import web
 from aioprometheus import Counter, Gauge, Histogram, Registry, render
 
 UNKNOWN = "-"
+# The tables the batched writers fill; their series exist from the start, so alerts see a 0.
+WRITER_TABLES = ("audit_log", "budget_usage", "prompt_log")
 
 
 class GatewayMetrics:
@@ -38,6 +40,8 @@ class GatewayMetrics:
                                   registry=self.registry)
         self.spool_bytes = Gauge("gateway_spool_bytes", "Bytes waiting in a writer's spool file.",
                                  registry=self.registry)
+        for table in WRITER_TABLES:
+            self.observe_writer(table, 0, 0, 0)
 
     def observe_writer(self, table: str, queued: int, rejected: int, spool_bytes: int) -> None:
         """Refresh one writer's series before /metrics renders (the writer keeps the counts)."""

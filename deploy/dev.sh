@@ -14,32 +14,7 @@ export AUDIT_SPOOL_DIR="${AUDIT_SPOOL_DIR:-$PWD/.dev/spool}"
 export NEURONETZ_ACTOR="${NEURONETZ_ACTOR:-make-dev}"
 mkdir -p .dev
 
-pg_host_port() { "$BIN/python" - <<'PY'
-import os
-from psycopg.conninfo import conninfo_to_dict
-p = conninfo_to_dict(os.environ["DATABASE_URL"])
-print(p.get("host", "127.0.0.1"), p.get("port", "5432"))
-PY
-}
-read -r PGH PGP < <(pg_host_port)
-if ! pg_isready -q -h "$PGH" -p "$PGP"; then
-  echo "dev: PostgreSQL does not answer on $PGH:$PGP; starting a local one"
-  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
-  else
-    if [ ! -d .dev/postgres ]; then initdb -D .dev/postgres -U postgres --auth=trust >/dev/null; fi
-    pg_ctl -D .dev/postgres -l .dev/postgres.log -o "-p $PGP -c listen_addresses=127.0.0.1" -w start
-  fi
-  for _ in $(seq 1 30); do pg_isready -q -h "$PGH" -p "$PGP" && break; sleep 1; done
-fi
-
-REDIS_PORT=$("$BIN/python" -c "import os, urllib.parse as u; print(u.urlsplit(os.environ['REDIS_URL']).port or 6379)")
-if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
-  echo "dev: Redis does not answer on port $REDIS_PORT; starting a local one"
-  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
-    --dir "$PWD/.dev" --logfile "$PWD/.dev/redis.log"
-  for _ in $(seq 1 30); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.2; done
-fi
+deploy/services.sh up .dev
 
 "$BIN/neuronetz-gateway" migrate
 

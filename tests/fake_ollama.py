@@ -1,8 +1,8 @@
 """A faithful fake of an Ollama server (v0.33.0-rc2) for tests and local development.
 
 It speaks the native API (``/api/*``) and Ollama's OpenAI-compatible layer (``/v1/*``) with the wire
-shapes, status codes and streaming framing described in
-``/work/shared/reference/ollama-and-openai-api.md``.  Generated text is deterministic: output token
+shapes, status codes and streaming framing of Ollama v0.33.0-rc2 (its ``docs/api.md`` and
+``docs/api/openai-compatibility.mdx``).  Generated text is deterministic: output token
 ``i`` is ``"word{i} "`` (one token per streamed chunk), and prompt token counts come from
 :func:`count_chat_prompt_tokens` / :func:`count_generate_prompt_tokens` / :func:`count_embed_tokens`,
 so tests can compute the exact numbers the fake reports.
