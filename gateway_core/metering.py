@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections import deque
 
 from attrs import define
 
 from gateway_core.admission import Admission, Denial, Settlement, Ticket
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
-from gateway_core.errors import BudgetExhausted, RateLimitExceeded
+from gateway_core.errors import BudgetExhausted, DependencyUnavailable, RateLimitExceeded
 from gateway_core.models import Principal
 from gateway_core.ports import AdmissionStore, Clock, LedgerEntry, UsageLedger
 from gateway_core.rate_headers import rate_limit_headers
@@ -48,6 +49,11 @@ class Metering:
         self._clock = clock
         self._default_reserve = default_completion_reserve
         self.in_flight: dict[str, Ticket] = {}
+        # Redis halves of settlements and releases that failed: retried until Redis answers again.
+        # The ledger half is never in here (it is recorded first), so the counters can lag but the
+        # source of truth cannot. Bounded: past it the oldest are dropped; their leases expire and
+        # a rebuilt counter comes from the ledger.
+        self.unsettled: deque[Settlement | tuple[Ticket, int]] = deque(maxlen=100_000)
 
     async def admit(self, principal: Principal, prompt_tokens: int, completion_tokens: int | None) -> Grant:
         """Reserve the request's estimate, or raise RateLimitExceeded / BudgetExhausted (429)."""
@@ -77,8 +83,13 @@ class Metering:
         self.in_flight.pop(grant.ticket.lease_id, None)
         now = self._clock.now()
         self._ledger.record(LedgerEntry(grant.ticket.key_id, now, prompt_tokens, completion_tokens))
-        await self._store.settle(Settlement(grant.ticket, grant.reserved_tokens, prompt_tokens,
-                                            completion_tokens, now))
+        settlement = Settlement(grant.ticket, grant.reserved_tokens, prompt_tokens, completion_tokens, now)
+        try:
+            await self._store.settle(settlement)
+        except DependencyUnavailable:
+            # The answer was produced and is charged in the ledger: the caller still gets it, and
+            # the Redis side is put right when Redis is back (SPEC §6.3).
+            self.unsettled.append(settlement)
 
     async def release(self, grant: Grant) -> None:
         """The request never reached a model: nothing is charged and the slot returns."""
@@ -86,9 +97,30 @@ class Metering:
             return
         grant.settled = True
         self.in_flight.pop(grant.ticket.lease_id, None)
-        await self._store.release(grant.ticket, grant.reserved_tokens)
+        try:
+            await self._store.release(grant.ticket, grant.reserved_tokens)
+        except DependencyUnavailable:
+            # Whatever made the caller's request end is what the caller hears about; the slot
+            # and reservation return when Redis does (or the lease expires first).
+            self.unsettled.append((grant.ticket, grant.reserved_tokens))
+
+    async def retry_unsettled(self) -> int:
+        """Re-run the Redis half of failed settlements and releases, oldest first; stops at the first
+        failure (Redis is still away). Returns how many went through."""
+        done = 0
+        while self.unsettled:
+            item = self.unsettled[0]
+            if isinstance(item, Settlement):
+                await self._store.settle(item)
+            else:
+                await self._store.release(*item)
+            self.unsettled.popleft()
+            done += 1
+        return done
 
     async def renew_leases(self) -> None:
+        if self.unsettled:
+            await self.retry_unsettled()
         if self.in_flight:
             await self._store.renew(list(self.in_flight.values()), self._clock.now())
 
