@@ -37,10 +37,11 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         ex.status = ex.status or 499
         _finish(request, ex)
         raise
-    except Exception:
+    except Exception as exc:
         # Anything unexpected: the §3.3 shape, one log event with the traceback (the log pipeline
         # redacts secrets), and the audit row below. Never a framework's plain-text page.
-        _log.exception("internal_error", request_id=ex.request_id, route=ex.route)
+        _log.error("internal_error", request_id=ex.request_id, route=ex.route, error=type(exc).__name__,
+                   exc_info=exc)
         resp = error_response(InternalError())
         ex.status = 500
     if not resp.prepared:
