@@ -187,7 +187,8 @@ async def test_no_cap_below_one_ever_reaches_the_upstream(gateway: Gateway) -> N
         for route, body in [
             ("/api/chat", {"model": MODEL, "messages": MESSAGES, "stream": False,
                            "options": {"num_predict": -1}}),
-            ("/api/generate", {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": -2}}),
+            ("/api/generate", {"model": MODEL, "prompt": "hi", "stream": False,
+                               "options": {"num_predict": -2}}),
             ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 100_000}),
         ]:
             status, headers, payload = await _post(http, gateway.url + route, secret, body)
@@ -202,7 +203,8 @@ async def test_malformed_bodies_and_internal_faults_are_shaped_audited_and_logge
     secret, _, _ = await gateway.key(models=(MODEL,))
     url = gateway.url + "/v1/chat/completions"
     cases: list[tuple[bytes, int, str]] = [
-        (b'{"model":"llama3.1:8b","messages":' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400, "invalid_request"),
+        (b'{"model":"llama3.1:8b","messages":' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400,
+         "invalid_request"),
         (b'{"model":"llama3.1:8b","messages":[],"temperature":1e999}', 400, "invalid_request"),
         (b'{"model":"llama3.1:8b","messages":[{"role":"user","cont', 400, "invalid_request"),
     ]
@@ -214,8 +216,8 @@ async def test_malformed_bodies_and_internal_faults_are_shaped_audited_and_logge
             raise RuntimeError("injected fault")
 
     async with aiohttp.ClientSession() as http:
-        for raw, status, code in cases + [(json.dumps({"model": MODEL, "messages": MESSAGES}).encode(), 500,
-                                           "internal_error")]:
+        fault = (json.dumps({"model": MODEL, "messages": MESSAGES}).encode(), 500, "internal_error")
+        for raw, status, code in [*cases, fault]:
             rid = f"hostile-{uuid.uuid4().hex}"
             if status == 500:
                 svc.policy = BrokenPolicy()  # type: ignore[assignment]
