@@ -5,13 +5,14 @@ from __future__ import annotations
 import uuid
 from collections import deque
 
+import attrs
 from attrs import define
 
 from gateway_core.admission import Admission, Denial, Settlement, Ticket
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
 from gateway_core.errors import BudgetExhausted, DependencyUnavailable, RateLimitExceeded
 from gateway_core.models import Principal
-from gateway_core.ports import AdmissionStore, Clock, LedgerEntry, UsageLedger
+from gateway_core.ports import AdmissionStore, AdmissionView, Clock, LedgerEntry, UsageLedger
 from gateway_core.rate_headers import rate_limit_headers
 
 _DENIAL_TEXT = {
@@ -43,8 +44,9 @@ class Grant:
 
 class Metering:
     def __init__(self, store: AdmissionStore, ledger: UsageLedger, clock: Clock,
-                 default_completion_reserve: int) -> None:
+                 default_completion_reserve: int, view: AdmissionView | None = None) -> None:
         self._store = store
+        self._view = view
         self._ledger = ledger
         self._clock = clock
         self._default_reserve = default_completion_reserve
@@ -58,11 +60,7 @@ class Metering:
     async def admit(self, principal: Principal, prompt_tokens: int, completion_tokens: int | None) -> Grant:
         """Reserve the request's estimate, or raise RateLimitExceeded / BudgetExhausted (429)."""
         asked = self._default_reserve if completion_tokens is None else max(completion_tokens, 0)
-        ticket = Ticket(
-            lease_id=uuid.uuid4().hex, tenant_id=principal.tenant_id, key_id=principal.key_id,
-            key_limits=principal.limits, tenant_limits=principal.tenant_limits, budget=principal.budget,
-            prompt_tokens=prompt_tokens, completion_tokens=asked, now=self._clock.now(),
-        )
+        ticket = self._ticket(principal, prompt_tokens, asked)
         admission = await self._store.admit(ticket)
         if admission.missing_periods:
             # Redis lost the counter (restart, flush) or a period began: rebuild it from the ledger.
@@ -74,6 +72,28 @@ class Metering:
             raise _denied(admission, principal, headers)
         self.in_flight[ticket.lease_id] = ticket
         return Grant(ticket, admission, headers)
+
+    async def current_headers(self, principal: Principal) -> dict[str, str]:
+        """The §3.4 / §6.5 headers as they stand, consuming nothing (listings, refusals)."""
+        if self._view is None:
+            return {}
+        ticket = self._ticket(principal, 0, 0)
+        admission = await self._view.peek(ticket)
+        if admission.missing_periods:
+            # A counter Redis does not hold yet: what the ledger says was used is what remains.
+            caps = ticket.budget.caps()
+            used = await self._ledger.used(ticket.key_id, {p: p.start(ticket.now) for p in caps})
+            remaining = {p: max(0, caps[p] - used.get(p, 0)) for p in caps}
+            period = min(remaining, key=lambda p: remaining[p])
+            admission = attrs.evolve(admission, budget_period=period, budget_remaining=remaining[period])
+        return rate_limit_headers(admission)
+
+    def _ticket(self, principal: Principal, prompt_tokens: int, completion_tokens: int) -> Ticket:
+        return Ticket(
+            lease_id=uuid.uuid4().hex, tenant_id=principal.tenant_id, key_id=principal.key_id,
+            key_limits=principal.limits, tenant_limits=principal.tenant_limits, budget=principal.budget,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, now=self._clock.now(),
+        )
 
     async def settle(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> None:
         """Charge real usage (SPEC §6.2); the unused part of the reservation returns."""

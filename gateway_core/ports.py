@@ -165,6 +165,16 @@ class AdmissionStore(Protocol):
         ...
 
 
+class AdmissionView(Protocol):
+    """The admission state read without consuming anything (SPEC §3.4: headers of listings and
+    of refusals after authentication)."""
+
+    async def peek(self, ticket: Ticket) -> Admission:
+        """Windows and budget as the next admission would see them; budget counters that do not
+        exist are listed in `missing_periods` (no budget period is reported then)."""
+        ...
+
+
 @frozen
 class LedgerEntry:
     """One settled request, to be added to the ledger for every period (SPEC §6.3)."""

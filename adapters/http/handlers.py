@@ -16,7 +16,15 @@ from aiohttp import web
 from adapters.http.exchange import Exchange
 from adapters.http.relay import ClientGone, relay_ndjson, relay_sse
 from adapters.http.typedefs import EXCHANGE, SERVICES, Services, json_response
-from gateway_core.errors import ModelNotFound, RequestTooLarge, UpstreamUnavailable
+from gateway_core.errors import (
+    DependencyUnavailable,
+    InvalidRequest,
+    ModelNotAllowed,
+    ModelNotFound,
+    RequestTooLarge,
+    ScopeNotAllowed,
+    UpstreamUnavailable,
+)
 from gateway_core.forwarding import Relayed
 from gateway_core.metering import Grant
 from gateway_core.models import Principal
@@ -51,10 +59,21 @@ async def _principal(request: web.Request) -> tuple[Services, Principal]:
 
 
 async def _listing_principal(request: web.Request) -> tuple[Services, Principal]:
-    """Listings and version use no admission, so Redis is confirmed separately (SPEC §8.5)."""
+    """Listings and version use no admission, so Redis is confirmed separately (SPEC §8.5); their
+    rate and budget headers are read without consuming anything (SPEC §3.4)."""
     svc, principal = await _principal(request)
     await svc.confirm_redis()
+    request[EXCHANGE].headers.update(await svc.metering.current_headers(principal))
     return svc, principal
+
+
+async def _current_headers(svc: Services, ex: Exchange, principal: Principal) -> None:
+    """§3.4 headers for a refusal after authentication. The refusal is the answer: if Redis cannot
+    be read just now, it goes out without them rather than turning into a 503."""
+    try:
+        ex.headers.update(await svc.metering.current_headers(principal))
+    except DependencyUnavailable:
+        pass
 
 
 class HttpDelivery:
@@ -106,9 +125,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     ex: Exchange = request[EXCHANGE]
     raw = await _read_body(request, svc.max_request_bytes)
     svc, principal = await _principal(request)
-    caller = await parse(route, raw)
-    ex.requested_model = caller.model[:200]
-    ex.model = svc.policy.authorize(principal, route.scope, caller.model)
+    try:
+        caller = await parse(route, raw)
+        ex.requested_model = caller.model[:200]
+        ex.model = svc.policy.authorize(principal, route.scope, caller.model)
+    except (InvalidRequest, ModelNotAllowed, ScopeNotAllowed):
+        await _current_headers(svc, ex, principal)
+        raise
     if principal.prompt_log_enabled:
         ex.prompt_text = caller.prompt_text()
     delivery = HttpDelivery(request, ex, caller)

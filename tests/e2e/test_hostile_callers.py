@@ -236,8 +236,8 @@ async def test_malformed_bodies_and_internal_faults_are_shaped_audited_and_logge
             events = [e for e in logs if e.get("request_id") == rid]
             assert events, logs
             if status == 500:
-                fault = [e for e in events if e["event"] == "internal_error"]
-                assert fault and "injected fault" in str(fault[0].get("exc_info") or fault[0]), events
+                logged = [e for e in events if e["event"] == "internal_error"]
+                assert logged and "injected fault" in str(logged[0].get("exc_info")), events
                 assert secret not in json.dumps(logs, default=str)
             # The next request is served.
             async with http.post(url, json={"model": MODEL, "messages": MESSAGES},
@@ -283,3 +283,34 @@ async def test_the_official_client_against_an_upstream_that_writes_spaced_json(
             assert text.rstrip().endswith("data: [DONE]") and '"completion_tokens": 12' in text
             assert '"error"' not in text
             await asyncio.sleep(0)
+
+
+async def test_listings_and_refusals_after_authentication_carry_rate_and_budget_headers(
+        gateway: Gateway) -> None:
+    secret, _, _ = await gateway.key(models=(MODEL,), key_limits=Limits(rpm=50, tpm=100_000),
+                                     budget={"daily": 5000, "total": 90_000})
+    async with aiohttp.ClientSession() as http:
+        status, served, answer = await _post(http, gateway.url + "/api/chat", secret, _base("/api/chat"))
+        assert status == 200
+        usage = answer["prompt_eval_count"] + answer["eval_count"]
+        seen: list[Mapping[str, str]] = []
+        for method, path, body in [("GET", "/v1/models", None), ("GET", "/api/tags", None),
+                                   ("GET", "/api/version", None), ("GET", f"/v1/models/{MODEL}", None),
+                                   ("GET", "/v1/models/nope", None),
+                                   ("POST", "/api/chat", {**_base("/api/chat"), "model": OTHER}),
+                                   ("POST", "/api/chat", {**_base("/api/chat"), "Stream": True})]:
+            async with http.request(method, gateway.url + path, json=body, headers=bearer(secret)) as resp:
+                await resp.read()
+                assert resp.status in (200, 400, 403, 404), (path, resp.status)
+                for name in ("X-RateLimit-Limit-Requests", "X-RateLimit-Remaining-Requests",
+                             "X-RateLimit-Reset-Requests", "X-RateLimit-Limit-Tokens",
+                             "X-RateLimit-Remaining-Tokens", "RateLimit-Policy", "X-Budget-Period",
+                             "X-Budget-Tokens-Remaining"):
+                    assert name in resp.headers, (path, resp.status, name)
+                seen.append(resp.headers.copy())
+    # Read without consuming: only the one served request shows in the windows and the budget.
+    assert {h["X-RateLimit-Remaining-Requests"] for h in seen} == {"49"}
+    assert {h["X-RateLimit-Remaining-Tokens"] for h in seen} == {str(100_000 - usage)}
+    assert {h["X-Budget-Tokens-Remaining"] for h in seen} == {str(5000 - usage)}
+    assert {h["X-Budget-Period"] for h in seen} == {"daily"}
+    assert served["X-Budget-Tokens-Remaining"] != str(5000 - usage)  # the served one showed its reservation
