@@ -44,9 +44,19 @@ _CONTROLLED = frozenset({"model", "stream", "stream_options", "options", "keep_a
                          "prompt", "input", "suffix", "system"}) | RUNNER_OPTIONS
 _CONTROLLED_OPTIONS = frozenset({"num_predict"}) | RUNNER_OPTIONS
 _MESSAGE_FIELDS = frozenset({"role", "content"})
+# A message whose keys are all among these exact spellings cannot hold a folded twin: the common
+# case skips the per-key check.
+_PLAIN_MESSAGE_KEYS = frozenset({"role", "content", "images", "name", "tool_calls", "tool_call_id",
+                                 "tool_name", "thinking"})
 
 
 def fold(key: str) -> str:
+    if key.isascii():
+        return key.lower()  # the same result for ASCII, without three passes
+    return _unicode_fold(key)
+
+
+def _unicode_fold(key: str) -> str:
     """Go's per-rune ToUpper(ToLower(r)), then Python's full case folding: every pair Go binds
     as equal (long s→S, Kelvin sign→K) folds equal here, and a little more (ß/ss), which only refuses."""
     return key.lower().upper().casefold()
@@ -162,19 +172,16 @@ def decode(raw: bytes) -> Any:
 
 
 def _check_depth(data: Any) -> None:
-    level: list[Any] = [data]
-    depth = 0
-    while level:
-        depth += 1
+    # Iterative, descending only into containers: json.loads has already paid for the values.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.")
-        nxt: list[Any] = []
-        for node in level:
-            if isinstance(node, dict):
-                nxt.extend(v for v in node.values() if isinstance(v, dict | list))
-            elif isinstance(node, list):
-                nxt.extend(v for v in node if isinstance(v, dict | list))
-        level = nxt
+        for value in node.values() if type(node) is dict else node:
+            kind = type(value)
+            if kind is dict or kind is list:
+                stack.append((value, depth + 1))
 
 
 def _check_keys(obj: dict[str, Any], controlled: dict[str, str], where: str) -> None:
@@ -250,7 +257,7 @@ def parse_request(route: Route, raw: bytes) -> CallerRequest:
     messages = body.get("messages")
     if isinstance(messages, list):
         for message in messages:
-            if isinstance(message, dict):
+            if type(message) is dict and not _PLAIN_MESSAGE_KEYS.issuperset(message):
                 _check_keys(message, _MESSAGE_FOLDED, " in a message")
     stream = False
     if route.kind is not Kind.EMBEDDING:

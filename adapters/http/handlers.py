@@ -33,7 +33,7 @@ from gateway_core.request import ROUTES, CallerRequest, Framing, Route, parse_re
 
 # Bodies above this are parsed in a worker thread so a large one does not stall other callers
 # (docs/performance.md has the measurement); below it the hop costs more than the parse.
-PARSE_OFF_LOOP_BYTES = 256 * 1024
+PARSE_OFF_LOOP_BYTES = 64 * 1024
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
