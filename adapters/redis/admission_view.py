@@ -51,9 +51,9 @@ class RedisAdmissionView:
                 missing.append(period)
             else:
                 remaining[period] = max(0, cap - int(used))
-        period = min(remaining, key=lambda p: remaining[p]) if remaining and not missing else None
-        return Admission(granted=True, requests=requests, tokens=tokens, budget_period=period,
-                         budget_remaining=remaining.get(period) if period else None,
+        binding = min(remaining, key=lambda p: remaining[p]) if remaining and not missing else None
+        return Admission(granted=True, requests=requests, tokens=tokens, budget_period=binding,
+                         budget_remaining=remaining[binding] if binding else None,
                          missing_periods=tuple(missing))
 
 
