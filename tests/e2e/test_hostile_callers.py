@@ -18,6 +18,7 @@ import pytest
 import structlog
 
 from adapters.http.typedefs import SERVICES
+from gateway_core.errors import DependencyUnavailable
 from gateway_core.limits import Limits
 from gateway_core.request import fold
 from tests.e2e.harness import Gateway, audit_row, gateway_settings, running_gateway
@@ -314,3 +315,59 @@ async def test_listings_and_refusals_after_authentication_carry_rate_and_budget_
     assert {h["X-Budget-Tokens-Remaining"] for h in seen} == {str(5000 - usage)}
     assert {h["X-Budget-Period"] for h in seen} == {"daily"}
     assert served["X-Budget-Tokens-Remaining"] != str(5000 - usage)  # the served one showed its reservation
+
+
+async def test_an_address_blocked_for_failed_auth_is_refused_before_its_body_is_parsed(
+        database_url: str, redis_url: str, tmp_path: Any) -> None:
+    async with FakeOllama(models=[MODEL]) as fake:
+        settings = gateway_settings(database_url, redis_url, fake.url, tmp_path, auth_failures_per_minute=3)
+        async with running_gateway(settings, fake) as gw, aiohttp.ClientSession() as http:
+            good, _, _ = await gw.key(models=(MODEL,))
+            assert (await _post(http, gw.url + "/api/chat", good, _base("/api/chat")))[0] == 200
+            wrong = "nz_" + "A" * 43
+            huge_and_broken = b'{"model": "' + b"x" * (4 << 20) + b'", '  # 4 MiB, and not JSON
+            # A caller without a working key gets 401, not a parse of its body (no 400 tells it
+            # anything about the body before it has proven who it is).
+            status, _, payload = await _post(http, gw.url + "/api/chat", wrong, huge_and_broken)
+            assert status == 401 and payload["error"]["code"] == "invalid_api_key"
+            for _ in range(3):
+                await _post(http, gw.url + "/api/chat", wrong, _base("/api/chat"))
+            status, headers, payload = await _post(http, gw.url + "/api/chat", wrong, huge_and_broken)
+            assert status == 429 and payload["error"]["code"] == "rate_limit_exceeded", payload
+            assert "Retry-After" in headers
+            # A key this gateway verified before still gets its body checked (and refused) as usual.
+            status, _, payload = await _post(http, gw.url + "/api/chat", good, huge_and_broken)
+            assert status == 400 and payload["error"]["code"] == "invalid_request"
+            assert len(upstream(gw)) == 1  # only the first, valid request was forwarded
+
+
+async def test_a_redis_failure_at_settlement_still_delivers_the_answer(gateway: Gateway) -> None:
+    """Issue 10: once the model answered, the work is done and paid for; the Redis half of the
+    settlement is queued and put right when Redis answers again."""
+    secret, _, _ = await gateway.key(models=(MODEL,), key_limits=Limits(concurrent=1),
+                                     budget={"daily": 50_000})
+    metering = gateway.app[SERVICES].metering
+    store = metering._store  # noqa: SLF001 (the fault is injected where Redis would fail)
+    real_settle = store.settle
+
+    async def failing_settle(settlement: Any) -> None:
+        raise DependencyUnavailable()
+
+    body = {"model": MODEL, "messages": MESSAGES, "stream": False, "options": {"num_predict": 100}}
+    async with aiohttp.ClientSession() as http:
+        store.settle = failing_settle  # type: ignore[method-assign]
+        try:
+            status, first, answer = await _post(http, gateway.url + "/api/chat", secret, body)
+            assert status == 200 and answer["eval_count"] == 12  # delivered, not a 503
+            async with http.post(gateway.url + "/api/chat", headers=bearer(secret),
+                                 json={**body, "stream": True}) as resp:
+                assert resp.status == 429  # the slot is still held in Redis (concurrent=1) ...
+        finally:
+            store.settle = real_settle  # type: ignore[method-assign]
+        assert len(metering.unsettled) == 1
+        await metering.renew_leases()  # ... until the periodic job re-runs the settlement
+        assert len(metering.unsettled) == 0
+        status, second, again = await _post(http, gateway.url + "/api/chat", secret, body)
+        assert status == 200
+    usage = answer["prompt_eval_count"] + answer["eval_count"]
+    assert int(first["X-Budget-Tokens-Remaining"]) - int(second["X-Budget-Tokens-Remaining"]) == usage
