@@ -347,7 +347,7 @@ async def test_a_redis_failure_at_settlement_still_delivers_the_answer(gateway: 
     secret, _, _ = await gateway.key(models=(MODEL,), key_limits=Limits(concurrent=1),
                                      budget={"daily": 50_000})
     metering = gateway.app[SERVICES].metering
-    store = metering._store  # noqa: SLF001 (the fault is injected where Redis would fail)
+    store = metering._store  # the fault is injected where Redis would fail
     real_settle = store.settle
 
     async def failing_settle(settlement: Any) -> None:
