@@ -29,8 +29,8 @@ class RequestObserver:
         latency_ms = round(ex.latency_ms, 3)
         now = datetime.now(UTC)
         self._audit.put((uuid.uuid4(), ex.request_id, p.key_prefix if p else None, p.tenant_id if p else None,
-                         ex.model, ex.route, ex.tokens_in, ex.tokens_out, ex.status, latency_ms,
-                         ex.client_ip or None, now))
+                         ex.model or ex.requested_model, ex.route, ex.tokens_in, ex.tokens_out, ex.status,
+                         latency_ms, ex.client_ip or None, now))
         # ex.model is set only after the model policy accepted it: no caller-chosen label values.
         self._metrics.observe(p.tenant_name if p else None, ex.model, ex.status, ex.tokens_in,
                               ex.tokens_out, latency_ms / 1000)

@@ -27,6 +27,38 @@ class UpstreamError(Exception):
         self.status = status
 
 
+class OllamaAnswer:
+    """The Upstream port's answer over one aiohttp response; read failures become 502s."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+
+    @property
+    def status(self) -> int:
+        return self._resp.status
+
+    async def read(self) -> bytes:
+        try:
+            return await self._resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(retry_after_s=1.0) from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._resp.content.iter_any():
+                yield piece
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(retry_after_s=1.0) from exc
+
+    async def error_message(self) -> str | None:
+        try:
+            data = _json.loads(await self._resp.read())
+        except (ValueError, TimeoutError, aiohttp.ClientError, OSError):
+            return None
+        message = data.get("error") if isinstance(data, dict) else None
+        return message if isinstance(message, str) else None
+
+
 class OllamaBackend:
     def __init__(self, base_url: str, *, timeout_s: float, connect_timeout_s: float = 5.0,
                  max_connections: int = 512) -> None:
@@ -77,6 +109,12 @@ class OllamaBackend:
                 resp.release()
             else:
                 resp.close()
+
+    @asynccontextmanager
+    async def post(self, path: str, body: bytes) -> AsyncIterator[OllamaAnswer]:
+        """The Upstream port (gateway_core.ports.Upstream)."""
+        async with self.open("POST", path, body) as resp:
+            yield OllamaAnswer(resp)
 
     async def get_json(self, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
         async with self.open("GET", path, timeout_s=timeout_s) as resp:

@@ -28,6 +28,7 @@ from adapters.postgres.principals import PostgresPrincipalSource
 from adapters.postgres.tenants import PostgresTenantStore
 from adapters.prometheus import GatewayMetrics
 from adapters.redis.admission import RedisAdmission
+from adapters.redis.admission_view import RedisAdmissionView
 from adapters.redis.auth_failures import RedisAuthFailures
 from adapters.redis.discovery import RedisDiscoveryCache
 from adapters.redis.health import RedisHealth, TrustedWhenAll
@@ -111,7 +112,8 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     prompts = PromptLogWriter(pool, settings.audit_spool_dir)
     for writer in (ledger, audit, prompts):
         await writer.start()
-    metering = Metering(RedisAdmission(redis), ledger, clock, settings.budget_default_completion_reserve)
+    metering = Metering(RedisAdmission(redis), ledger, clock, settings.budget_default_completion_reserve,
+                        view=RedisAdmissionView(redis))
     auth = Authenticator(AuthPorts(cache=cache, source=PostgresPrincipalSource(pool), hasher=hasher,
                                    failures=RedisAuthFailures(redis, settings.auth_failures_per_minute),
                                    feed=TrustedWhenAll(listener.trusted, redis_health.ok), clock=clock))

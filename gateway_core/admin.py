@@ -38,6 +38,15 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
 
 
+def _check_key_name(name: str) -> str:
+    """A key name is a human label (SPEC §11): 1-64 printable characters, spaces and non-ASCII
+    letters allowed; no control or format characters (they could forge lines in list-keys)."""
+    if not 1 <= len(name) <= 64 or not name.isprintable() or not name.strip():
+        raise AdminError("invalid key name: use 1-64 printable characters (spaces allowed, "
+                         "no control characters)")
+    return name
+
+
 def _check_name(what: str, name: str) -> str:
     if not _NAME_RE.match(name):
         raise AdminError(f"invalid {what} name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
@@ -121,7 +130,7 @@ class Admin:
         limits: Limits | None = None,
     ) -> tuple[NewKey, KeyRecord]:
         """A new key; its secret is returned here once and exists nowhere else afterwards."""
-        _check_name("key", name)
+        _check_key_name(name)
         tenant = await self.tenant(tenant_name)
         new = generate_key()
         record = KeyRecord(

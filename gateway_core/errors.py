@@ -4,8 +4,8 @@ GatewayError
 ├── InvalidRequest (400)      ├── RateLimitExceeded (429)
 ├── InvalidApiKey (401)       │   └── BudgetExhausted (429)
 ├── ModelNotAllowed (403)     ├── UpstreamUnavailable (502)
-├── ScopeNotAllowed (403)     └── DependencyUnavailable (503)
-├── NotFound (404)
+├── ScopeNotAllowed (403)     ├── DependencyUnavailable (503)
+├── NotFound (404)            └── InternalError (500)
 └── RequestTooLarge (413)
 AdminError — operator input rejected by the CLI use cases (never reaches HTTP).
 """
@@ -98,6 +98,14 @@ class DependencyUnavailable(GatewayError):
     code = "dependency_unavailable"
     type = "server_error"
     default_message = "The gateway cannot check this request right now. Try again later."
+
+
+class InternalError(GatewayError):
+    """Anything unexpected (500): the caller gets this shape, never a framework page or a traceback."""
+
+    code = "internal_error"
+    type = "server_error"
+    default_message = "The gateway failed unexpectedly; the request id identifies it in our logs."
 
 
 class AdminError(Exception):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections import deque
 
+import attrs
 from attrs import define
 
 from gateway_core.admission import Admission, Denial, Settlement, Ticket
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
-from gateway_core.errors import BudgetExhausted, RateLimitExceeded
+from gateway_core.errors import BudgetExhausted, DependencyUnavailable, RateLimitExceeded
 from gateway_core.models import Principal
-from gateway_core.ports import AdmissionStore, Clock, LedgerEntry, UsageLedger
+from gateway_core.ports import AdmissionStore, AdmissionView, Clock, LedgerEntry, UsageLedger
 from gateway_core.rate_headers import rate_limit_headers
 
 _DENIAL_TEXT = {
@@ -42,21 +44,23 @@ class Grant:
 
 class Metering:
     def __init__(self, store: AdmissionStore, ledger: UsageLedger, clock: Clock,
-                 default_completion_reserve: int) -> None:
+                 default_completion_reserve: int, view: AdmissionView | None = None) -> None:
         self._store = store
+        self._view = view
         self._ledger = ledger
         self._clock = clock
         self._default_reserve = default_completion_reserve
         self.in_flight: dict[str, Ticket] = {}
+        # Redis halves of settlements and releases that failed: retried until Redis answers again.
+        # The ledger half is never in here (it is recorded first), so the counters can lag but the
+        # source of truth cannot. Bounded: past it the oldest are dropped; their leases expire and
+        # a rebuilt counter comes from the ledger.
+        self.unsettled: deque[Settlement | tuple[Ticket, int]] = deque(maxlen=100_000)
 
     async def admit(self, principal: Principal, prompt_tokens: int, completion_tokens: int | None) -> Grant:
         """Reserve the request's estimate, or raise RateLimitExceeded / BudgetExhausted (429)."""
         asked = self._default_reserve if completion_tokens is None else max(completion_tokens, 0)
-        ticket = Ticket(
-            lease_id=uuid.uuid4().hex, tenant_id=principal.tenant_id, key_id=principal.key_id,
-            key_limits=principal.limits, tenant_limits=principal.tenant_limits, budget=principal.budget,
-            prompt_tokens=prompt_tokens, completion_tokens=asked, now=self._clock.now(),
-        )
+        ticket = self._ticket(principal, prompt_tokens, asked)
         admission = await self._store.admit(ticket)
         if admission.missing_periods:
             # Redis lost the counter (restart, flush) or a period began: rebuild it from the ledger.
@@ -69,6 +73,28 @@ class Metering:
         self.in_flight[ticket.lease_id] = ticket
         return Grant(ticket, admission, headers)
 
+    async def current_headers(self, principal: Principal) -> dict[str, str]:
+        """The §3.4 / §6.5 headers as they stand, consuming nothing (listings, refusals)."""
+        if self._view is None:
+            return {}
+        ticket = self._ticket(principal, 0, 0)
+        admission = await self._view.peek(ticket)
+        if admission.missing_periods:
+            # A counter Redis does not hold yet: what the ledger says was used is what remains.
+            caps = ticket.budget.caps()
+            used = await self._ledger.used(ticket.key_id, {p: p.start(ticket.now) for p in caps})
+            remaining = {p: max(0, caps[p] - used.get(p, 0)) for p in caps}
+            period = min(remaining, key=lambda p: remaining[p])
+            admission = attrs.evolve(admission, budget_period=period, budget_remaining=remaining[period])
+        return rate_limit_headers(admission)
+
+    def _ticket(self, principal: Principal, prompt_tokens: int, completion_tokens: int) -> Ticket:
+        return Ticket(
+            lease_id=uuid.uuid4().hex, tenant_id=principal.tenant_id, key_id=principal.key_id,
+            key_limits=principal.limits, tenant_limits=principal.tenant_limits, budget=principal.budget,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, now=self._clock.now(),
+        )
+
     async def settle(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> None:
         """Charge real usage (SPEC §6.2); the unused part of the reservation returns."""
         if grant.settled:
@@ -79,8 +105,13 @@ class Metering:
         # The admission's period instances, as in Redis: a stream crossing midnight stays on its day.
         self._ledger.record(LedgerEntry(grant.ticket.lease_id, grant.ticket.key_id, grant.ticket.now,
                                         prompt_tokens, completion_tokens))
-        await self._store.settle(Settlement(grant.ticket, grant.reserved_tokens, prompt_tokens,
-                                            completion_tokens, now))
+        settlement = Settlement(grant.ticket, grant.reserved_tokens, prompt_tokens, completion_tokens, now)
+        try:
+            await self._store.settle(settlement)
+        except DependencyUnavailable:
+            # The answer was produced and is charged in the ledger: the caller still gets it, and
+            # the Redis side is put right when Redis is back (settle is idempotent per lease, §6.3).
+            self.unsettled.append(settlement)
 
     async def release(self, grant: Grant) -> None:
         """The request never reached a model: nothing is charged and the slot returns."""
@@ -88,9 +119,30 @@ class Metering:
             return
         grant.settled = True
         self.in_flight.pop(grant.ticket.lease_id, None)
-        await self._store.release(grant.ticket, grant.reserved_tokens)
+        try:
+            await self._store.release(grant.ticket, grant.reserved_tokens)
+        except DependencyUnavailable:
+            # Whatever made the caller's request end is what the caller hears about; the slot
+            # and reservation return when Redis does (or the lease expires first).
+            self.unsettled.append((grant.ticket, grant.reserved_tokens))
+
+    async def retry_unsettled(self) -> int:
+        """Re-run the Redis half of failed settlements and releases, oldest first; stops at the first
+        failure (Redis is still away). Returns how many went through."""
+        done = 0
+        while self.unsettled:
+            item = self.unsettled[0]
+            if isinstance(item, Settlement):
+                await self._store.settle(item)
+            else:
+                await self._store.release(*item)
+            self.unsettled.popleft()
+            done += 1
+        return done
 
     async def renew_leases(self) -> None:
+        if self.unsettled:
+            await self.retry_unsettled()
         if self.in_flight:
             await self._store.renew(list(self.in_flight.values()), self._clock.now())
 

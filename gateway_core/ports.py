@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from datetime import date
 from typing import Literal, Protocol
 
@@ -163,6 +165,16 @@ class AdmissionStore(Protocol):
         ...
 
 
+class AdmissionView(Protocol):
+    """The admission state read without consuming anything (SPEC §3.4: headers of listings and
+    of refusals after authentication)."""
+
+    async def peek(self, ticket: Ticket) -> Admission:
+        """Windows and budget as the next admission would see them; budget counters that do not
+        exist are listed in `missing_periods` (no budget period is reported then)."""
+        ...
+
+
 @frozen
 class LedgerEntry:
     """One settled request, to be added to the ledger for every period (SPEC §6.3).
@@ -189,6 +201,46 @@ class UsageLedger(Protocol):
     async def used(self, key_id: int, starts: dict[Period, date]) -> dict[Period, int]:
         """Tokens charged per period instance, including entries not yet flushed."""
         ...
+
+
+class UpstreamAnswer(Protocol):
+    """One upstream response being read. Reading failures raise UpstreamUnavailable."""
+
+    @property
+    def status(self) -> int: ...
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives."""
+        ...
+
+    async def error_message(self) -> str | None:
+        """The `error` string of a JSON error body, if there is one (never shown unchecked)."""
+        ...
+
+
+class Upstream(Protocol):
+    """The model backend (SPEC §4.9): only allowlisted paths, the gateway's own request."""
+
+    def post(self, path: str, body: bytes) -> AbstractAsyncContextManager[UpstreamAnswer]:
+        """Send *body*; leaving the block early closes the connection, which stops generation.
+        Connection failures raise UpstreamUnavailable."""
+        ...
+
+
+class UpstreamGate(Protocol):
+    """The circuit breaker around upstream calls (SPEC §4.8)."""
+
+    async def before_call(self) -> None:
+        """Raise UpstreamUnavailable while the circuit is open."""
+        ...
+
+    async def record(self, ok: bool) -> None: ...
+
+    def seconds_to_half_open(self) -> float: ...
 
 
 __all__ = ["Clock", "DiscoveredModels", "PrincipalSource", "Scope", "SecretHasher", "TenantStore"]

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import contextvars
 import hashlib
 import ipaddress
 import json
@@ -456,8 +457,31 @@ def _check_options(options: Mapping[str, Any]) -> None:
             raise _ApiError(500, f'option "{key}" must be of type array of strings')
 
 
+# Set per request from FakeOllama.spaced_json: write `"key": value` with spaces, as Ollama-compatible
+# servers and re-serializing proxies (Python's json.dumps defaults) do. Same JSON, other bytes.
+_SPACED: contextvars.ContextVar[bool] = contextvars.ContextVar("fake_ollama_spaced", default=False)
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    separators = (", ", ": ") if _SPACED.get() else (",", ":")
+    return json.dumps(obj, separators=separators, ensure_ascii=False).encode()
+
+
+def _respace(data: bytes) -> bytes:
+    """The same NDJSON lines / SSE frames, re-serialized with spaces (spaced_json mode)."""
+    out = []
+    for line in data.split(b"\n"):
+        if line.startswith(b"data: {"):
+            line = b"data: " + _dumps(json.loads(line[6:]))
+        elif line.startswith(b"{"):
+            line = _dumps(json.loads(line))
+        out.append(line)
+    return b"\n".join(out)
+
+
+class _RespacingResponse(web.StreamResponse):
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        await super().write(_respace(bytes(data)) if _SPACED.get() else data)
 
 
 def _json_response(obj: Any, status: int = 200) -> web.Response:
@@ -532,6 +556,7 @@ class FakeOllama:
         host_check: bool | None = None,
         max_log_entries: int = 100_000,
         coalesce: bool = False,
+        spaced_json: bool = False,
     ) -> None:
         self._initial = (
             list(DEFAULT_MODELS if models is None else models),
@@ -548,6 +573,8 @@ class FakeOllama:
         # With token_delay_s == 0, write a whole stream in one write() instead of one per token
         # (same bytes, fewer syscalls; Ollama itself flushes per token).
         self.coalesce: bool = coalesce
+        # Write every JSON answer and stream chunk with spaces after colons and commas.
+        self.spaced_json: bool = spaced_json
         self.requests: list[dict[str, Any]] = []
         self.url: str = ""
         self._fail_mode: str | None = None
@@ -787,6 +814,7 @@ class FakeOllama:
         path = request.path
         if path.startswith("/_fake/"):
             return await self._control(request, path)
+        _SPACED.set(self.spaced_json)
         raw = await request.read()
         parsed: Any = None
         if raw:
@@ -1123,7 +1151,7 @@ class FakeOllama:
             ctx.entry["tokens_emitted"] = n
             return _json_response(final(completion_text(n)))
 
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        resp = _RespacingResponse(headers={"Content-Type": "application/x-ndjson"})
         ctx.resp = resp
         await resp.prepare(ctx.request)
         head = b'{"model":' + _dumps(model) + b',"created_at":"'
@@ -1336,7 +1364,7 @@ class FakeOllama:
                 }
             )
 
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp = _RespacingResponse(headers={"Content-Type": "text/event-stream"})
         ctx.resp = resp
         await resp.prepare(ctx.request)
         created = int(time.time())
@@ -1507,7 +1535,7 @@ class FakeOllama:
     async def _ndjson_status(self, ctx: _Ctx, lines: list[dict[str, Any]], stream: Any) -> web.StreamResponse:
         if stream is False:
             return _json_response(lines[-1])
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        resp = _RespacingResponse(headers={"Content-Type": "application/x-ndjson"})
         ctx.resp = resp
         await resp.prepare(ctx.request)
         await resp.write(b"".join(_dumps(line) + b"\n" for line in lines))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
 
 import attrs
@@ -205,3 +208,65 @@ class StaticCatalog:
 
     def current(self, now: float) -> Catalog | None:
         return self.catalog if now < self.expires_at else None
+
+
+class ScriptedAnswer:
+    """An UpstreamAnswer with a fixed status and body, optionally in chunks, optionally stalling."""
+
+    def __init__(self, status: int = 200, body: bytes = b"{}", chunks: list[bytes] | None = None,
+                 stall: asyncio.Event | None = None) -> None:
+        self.status = status
+        self._body = body
+        self._chunks = chunks if chunks is not None else [body]
+        self._stall = stall
+
+    async def read(self) -> bytes:
+        if self._stall is not None:
+            await self._stall.wait()
+        return self._body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for i, chunk in enumerate(self._chunks):
+            if i and self._stall is not None:
+                await self._stall.wait()
+            yield chunk
+
+    async def error_message(self) -> str | None:
+        return None
+
+
+class ScriptedUpstream:
+    """The Upstream port: answers with `answer`, or raises `error` as a connection failure would."""
+
+    def __init__(self, answer: ScriptedAnswer | None = None, error: Exception | None = None) -> None:
+        self.answer = answer or ScriptedAnswer()
+        self.error = error
+        self.sent: list[tuple[str, bytes]] = []
+        self.open = 0
+
+    @asynccontextmanager
+    async def post(self, path: str, body: bytes) -> AsyncIterator[ScriptedAnswer]:
+        self.sent.append((path, body))
+        if self.error is not None:
+            raise self.error
+        self.open += 1
+        try:
+            yield self.answer
+        finally:
+            self.open -= 1
+
+
+class RecordingGate:
+    """The UpstreamGate: always closed (lets calls through) and records outcomes."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[bool] = []
+
+    async def before_call(self) -> None:
+        return None
+
+    async def record(self, ok: bool) -> None:
+        self.outcomes.append(ok)
+
+    def seconds_to_half_open(self) -> float:
+        return 0.0

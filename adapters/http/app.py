@@ -1,48 +1,30 @@
-"""The aiohttp application: routes, the request middleware, and the services handlers use."""
+"""The aiohttp application: routes and the request middleware every response passes through."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Awaitable, Callable
-from typing import Any
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from attrs import define
 
-from adapters.circuit import CircuitGate
+from adapters.http import handlers
 from adapters.http.errors import error_response
-from adapters.http.exchange import Exchange, Observer, request_id_for
-from adapters.ollama import OllamaBackend
-from gateway_core.errors import GatewayError, InvalidRequest, NotFound, RequestTooLarge
-from gateway_core.gateway import Authenticator, ModelPolicy
-from gateway_core.metering import Metering
+from adapters.http.exchange import Exchange, request_id_for
+from adapters.http.typedefs import EXCHANGE, SERVICES, Services, json_response
+from gateway_core.errors import GatewayError, InternalError, InvalidRequest, NotFound, RequestTooLarge
 
+__all__ = ["EXCHANGE", "SERVICES", "Services", "exchange_middleware", "json_response", "make_web_app"]
 
-@define
-class Services:
-    auth: Authenticator
-    policy: ModelPolicy
-    metering: Metering
-    backend: OllamaBackend
-    observer: Observer
-    readiness: Callable[[], Awaitable[dict[str, str]]]
-    breaker: CircuitGate
-    max_request_bytes: int
-    # Routes that need no Redis command of their own call this, so they fail closed as well.
-    confirm_redis: Callable[[], Awaitable[None]]
-
-
-SERVICES = web.AppKey("services", Services)
-EXCHANGE = web.RequestKey("exchange", Exchange)
+_log = structlog.get_logger("neuronetz.request")
 _UNAUDITED = frozenset({"/healthz", "/readyz"})
 
 
 @web.middleware
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every response gets X-Request-Id and the §3.3 error shape; every caller request is observed."""
-    ex = Exchange(request_id=request_id_for(request), route=request.path, client_ip=request.remote or "")
+    ex = Exchange(request_id=request_id_for(request), route=request.path,
+                  client_ip=Exchange.client_ip_of(request))
     ex.audited = request.match_info.route.resource is not None and request.path not in _UNAUDITED
     request[EXCHANGE] = ex
     try:
@@ -55,6 +37,13 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         ex.status = ex.status or 499
         _finish(request, ex)
         raise
+    except Exception as exc:
+        # Anything unexpected: the §3.3 shape, one log event with the traceback (the log pipeline
+        # redacts secrets), and the audit row below. Never a framework's plain-text page.
+        _log.error("internal_error", request_id=ex.request_id, route=ex.route, error=type(exc).__name__,
+                   exc_info=exc)
+        resp = error_response(InternalError())
+        ex.status = 500
     if not resp.prepared:
         resp.headers["X-Request-Id"] = ex.request_id
         for name, value in ex.headers.items():
@@ -78,14 +67,7 @@ def _from_http(exc: web.HTTPException) -> GatewayError:
 
 
 def make_web_app(max_request_bytes: int) -> web.Application:
-    from adapters.http import handlers
-
     app = web.Application(middlewares=[exchange_middleware], client_max_size=max_request_bytes,
                           handler_args={"max_field_size": 16384})
     handlers.setup_routes(app)
     return app
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(data, separators=(",", ":")).encode(), status=status,
-                        content_type="application/json")

@@ -39,6 +39,14 @@ class Exchange:
     prompt_text: str | None = None
     response_text: str | None = None
     audited: bool = True
+    # The model as the caller named it (first 200 characters), for the audit row of a request
+    # refused before a model resolved; never a metric label.
+    requested_model: str | None = None
+
+    @staticmethod
+    def client_ip_of(request: web.Request) -> str:
+        """The one place the caller's address is decided (trusted proxies plug in here)."""
+        return request.remote or ""
 
     @property
     def latency_ms(self) -> float:

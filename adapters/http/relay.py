@@ -9,27 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 from aiohttp import web
-from attrs import define
 
 from adapters.http.errors import error_bytes
 from gateway_core.errors import UpstreamUnavailable
+from gateway_core.forwarding import Relayed
+from gateway_core.ports import UpstreamAnswer
 
 
 class ClientGone(Exception):  # noqa: N818 (a condition, not an error of ours)
     """The caller closed its connection mid-stream."""
-
-
-@define
-class StreamResult:
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    chunks: int = 0
-    completed: bool = False
-    failed: bool = False
-    client_gone: bool = False
-    text: list[str] | None = None
 
 
 async def _send(out: web.StreamResponse, data: bytes) -> None:
@@ -42,16 +31,26 @@ async def _send(out: web.StreamResponse, data: bytes) -> None:
 
 _DONE = b"[DONE]"
 # Ollama's /v1 layer turns a mid-stream native error into one blank chunk with an empty model, then
-# closes without [DONE] (reference §2.3). Inside a JSON string the quotes would be escaped, so these
-# bytes can only be the chunk's own `model` field.
-_ERROR_STAND_IN = b'"model":""'
+# closes without [DONE] (reference §2.3). A chunk holding an empty string is parsed to see whether
+# it is that one (the pre-check only spares parsing the others).
+_EMPTY_STRING = b'""'
 
 
-async def _arrivals(up: aiohttp.ClientResponse, separator: bytes) -> AsyncIterator[list[bytes]]:
+def _is_error_stand_in(payload: bytes) -> bool:
+    if _EMPTY_STRING not in payload:
+        return False
+    try:
+        chunk = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("model") == ""
+
+
+async def _arrivals(up: UpstreamAnswer, separator: bytes) -> AsyncIterator[list[bytes]]:
     """Complete frames, grouped as they arrived: one group per network read, so that frames which
     came together are relayed in one write (fewer syscalls than a write per frame)."""
     pending = b""
-    async for piece in up.content.iter_any():
+    async for piece in up.chunks():
         if b"\r" in piece:
             piece = piece.replace(b"\r\n", b"\n")
         pending += piece
@@ -65,10 +64,10 @@ async def _arrivals(up: aiohttp.ClientResponse, separator: bytes) -> AsyncIterat
 
 # A frame handler turns one upstream frame into the bytes to relay (None: relay nothing) and says
 # whether the stream has reached its end (normal or failed).
-FrameHandler = Callable[[bytes, StreamResult], tuple[bytes | None, bool]]
+FrameHandler = Callable[[bytes, Relayed], tuple[bytes | None, bool]]
 
 
-async def _relay(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult,
+async def _relay(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed,
                  separator: bytes, handle: FrameHandler, error_frame: bytes) -> None:
     """Relay into *result* as it goes, so a caller who is cancelled midway still knows what was
     sent; a stream that ends without its normal end gets *error_frame*."""
@@ -86,16 +85,16 @@ async def _relay(up: aiohttp.ClientResponse, out: web.StreamResponse, result: St
                 await _send(out, b"".join(batch))
             if stop:
                 break
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+    except (UpstreamUnavailable, ValueError):
         pass
     if not result.completed:
         result.failed = True
         await _send(out, error_frame)
 
 
-async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult, *,
+async def relay_sse(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed, *,
                     caller_wants_usage: bool) -> None:
-    def handle(frame: bytes, result: StreamResult) -> tuple[bytes | None, bool]:
+    def handle(frame: bytes, result: Relayed) -> tuple[bytes | None, bool]:
         # Only `data:` lines carry anything; comments, event names and ids are not in Ollama's framing.
         data = [ln[6:] if ln[5:6] == b" " else ln[5:] for ln in frame.split(b"\n") if ln.startswith(b"data:")]
         if not data:
@@ -104,7 +103,7 @@ async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, result:
         if payload == _DONE:
             result.completed = True
             return b"data: [DONE]\n\n", True
-        if _ERROR_STAND_IN in payload:
+        if _is_error_stand_in(payload):
             return None, True  # not content: neither relayed nor charged; our error frame replaces it
         kept = _usage_from_sse(payload, result, caller_wants_usage)
         if kept is None:
@@ -117,7 +116,7 @@ async def relay_sse(up: aiohttp.ClientResponse, out: web.StreamResponse, result:
     await _relay(up, out, result, b"\n\n", handle, b"data: " + error_bytes(_midstream_error()) + b"\n\n")
 
 
-def _usage_from_sse(payload: bytes, result: StreamResult, caller_wants_usage: bool) -> bytes | None:
+def _usage_from_sse(payload: bytes, result: Relayed, caller_wants_usage: bool) -> bytes | None:
     """Read usage where it is; drop what the caller did not ask for and Ollama's zeroed copies (ref. §4.2)."""
     if b'"usage"' not in payload:
         return payload
@@ -127,8 +126,8 @@ def _usage_from_sse(payload: bytes, result: StreamResult, caller_wants_usage: bo
     usage = chunk.get("usage")
     final = chunk.get("choices") == []
     if final and isinstance(usage, dict):
-        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        result.completion_tokens = int(usage.get("completion_tokens") or 0)
+        result.prompt_tokens = _count(usage.get("prompt_tokens"))
+        result.completion_tokens = _count(usage.get("completion_tokens"))
         return payload if caller_wants_usage else None
     # /v1/completions repeats a zeroed usage on every chunk when usage was requested upstream. It is
     # dropped even for a caller who asked for usage: OpenAI sends it only on the final chunk, and a
@@ -148,28 +147,51 @@ def _collect_sse_text(payload: bytes, sink: list[str]) -> None:
         pass
 
 
-async def relay_ndjson(up: aiohttp.ClientResponse, out: web.StreamResponse, result: StreamResult) -> None:
+async def relay_ndjson(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed) -> None:
     await _relay(up, out, result, b"\n", _native_line, _ndjson_error_line(_midstream_error()))
 
 
-def _native_line(raw: bytes, result: StreamResult) -> tuple[bytes | None, bool]:
+def _native_line(raw: bytes, result: Relayed) -> tuple[bytes | None, bool]:
     line = raw.strip()
     if not line:
         return None, False
-    if line.startswith(b'{"error"'):
-        return None, True  # the upstream's own message may name hosts; ours replaces it
-    if b'"done":true' in line:
-        final = json.loads(line)
-        result.prompt_tokens = int(final.get("prompt_eval_count") or 0)
-        result.completion_tokens = int(final.get("eval_count") or 0)
+    # Every line is parsed: the final one is found by its `done` field, whatever the spacing
+    # (servers and proxies that re-serialize write `"done": true`), and an error line is never
+    # relayed (the upstream's own message may name hosts; ours replaces it).
+    if not _may_end(line):
+        result.chunks += 1
+        if result.text is not None:
+            _collect_native_text(json.loads(line), result.text)
+        return line + b"\n", False
+    chunk = json.loads(line)
+    if not isinstance(chunk, dict) or "error" in chunk:
+        return None, True
+    if chunk.get("done") is True:
+        final = chunk
+        result.prompt_tokens = _count(final.get("prompt_eval_count"))
+        result.completion_tokens = _count(final.get("eval_count"))
         result.completed = True
         if result.text is not None:
             _collect_native_text(final, result.text)
         return line + b"\n", True
     result.chunks += 1
     if result.text is not None:
-        _collect_native_text(json.loads(line), result.text)
+        _collect_native_text(chunk, result.text)
     return line + b"\n", False
+
+
+def _may_end(line: bytes) -> bool:
+    """Cheap pre-check: a line that may be final or an error is parsed; an ordinary chunk with
+    `"done":false` (in any spacing) is not. Quotes inside JSON strings are escaped, so the bytes
+    `"done"` can only be a key; the decision itself is always made on the parsed line."""
+    at = line.find(b'"done"')
+    if at < 0 or b'"error"' in line:
+        return True
+    return b"false" not in line[at + 6:at + 16]
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _ndjson_error_line(exc: UpstreamUnavailable) -> bytes:

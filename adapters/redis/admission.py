@@ -52,10 +52,16 @@ def budget_key(ticket: Ticket, period: Period) -> str:
     return f"{_tag(ticket.tenant_id)}:bud:{ticket.key_id}:{period.value}:{start:%Y%m%d}"
 
 
-def _keys(ticket: Ticket) -> list[str]:
-    # Period instances change at most daily, so the key list is the same for a key all day long.
+def shared_keys(ticket: Ticket) -> tuple[str, ...]:
+    """The ticket's window and budget keys without its lease: concurrency (key, tenant), requests
+    (key, tenant), tokens (key log, key sum, tenant log, tenant sum), then one budget counter per cap.
+    Period instances change at most daily, so the list is the same for a key all day long."""
     periods = tuple(ticket.budget.caps())
-    shared = _keys_for(ticket.tenant_id, ticket.key_id, periods, int(ticket.now // 86400))
+    return _keys_for(ticket.tenant_id, ticket.key_id, periods, int(ticket.now // 86400))
+
+
+def _keys(ticket: Ticket) -> list[str]:
+    shared = shared_keys(ticket)
     return [*shared[:8], f"{_tag(ticket.tenant_id)}:ls:{ticket.lease_id}", *shared[8:]]
 
 

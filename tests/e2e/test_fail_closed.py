@@ -372,8 +372,9 @@ class TestAuditAndLedger:
             (secret, "/api/chat", chat(stream=False), 429, prefix, "llama3.1:8b"),
             (unknown, CHAT, chat(), 401, None, None),
             (None, "/v1/embeddings", embed, 401, None, None),
-            (embed_only, CHAT, chat(), 403, embed_prefix, None),  # scope
-            (embed_only, "/v1/embeddings", {**embed, "model": "qwen3:8b"}, 403, embed_prefix, None),
+            # Refused before a model resolved: the audit holds the name as asked (SPEC §5).
+            (embed_only, CHAT, chat(), 403, embed_prefix, "llama3.1:8b"),  # scope
+            (embed_only, "/v1/embeddings", {**embed, "model": "qwen3:8b"}, 403, embed_prefix, "qwen3:8b"),
             (embed_only, "/v1/embeddings", embed, 200, embed_prefix, "nomic-embed-text:latest"),
         ]
         async with aiohttp.ClientSession() as http:

@@ -103,6 +103,14 @@ class TestTenantsAndKeys:
         as_json = json.loads(cli("list-keys", "--tenant", tenant, "--json").out)
         assert as_json[0]["prefix"] == key[:12] and "key_hash" not in as_json[0]
 
+    def test_a_key_name_is_a_human_label_quoted_in_list_keys(self, cli: RunCli) -> None:
+        tenant = _tenant(cli)
+        key = cli("create-key", "--tenant", tenant, "--name", "alpha one's box").pairs()["key"]
+        line = cli("list-keys", "--tenant", tenant).out.strip()
+        assert f"prefix={key[:12]} status=active name='alpha one'\\''s box' created=" in line, line
+        refused = cli("create-key", "--tenant", tenant, "--name", "a\nprefix=nz_forged")
+        assert refused.code != 0 and len(refused.err.strip().splitlines()) == 1
+
     def test_scopes_and_key_limits_are_stored(self, cli: RunCli, db: Conn) -> None:
         tenant = _tenant(cli)
         pairs = _key(cli, tenant, "--scopes", "embeddings", "--rpm", "5", "--concurrent", "0")

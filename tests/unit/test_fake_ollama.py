@@ -771,3 +771,19 @@ async def test_coalesced_fast_path_sends_the_same_frames() -> None:
             payloads = await read_sse(resp)
         assert len(payloads) == 4 + 1 + 1 + 1 and payloads[-1] == "[DONE]"
         assert fake.requests[-1]["tokens_emitted"] == 4
+
+
+async def test_spaced_json_mode_writes_the_same_json_with_spaces(fake: FakeOllama,
+                                                                  session: aiohttp.ClientSession) -> None:
+    fake.spaced_json = True
+    body = {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(fake.url + "/api/chat", json=body) as resp:
+        raw = await resp.read()
+    lines = raw.split(b"\n")[:-1]
+    assert lines and all(b'"done": ' in line for line in lines), lines[:2]
+    assert json.loads(lines[-1])["done"] is True
+    async with session.post(fake.url + "/v1/chat/completions", json={**body, "stream": True}) as resp:
+        text = await resp.text()
+    assert '"object": "chat.completion.chunk"' in text and text.rstrip().endswith("data: [DONE]")
+    async with session.post(fake.url + "/api/chat", json={**body, "stream": False}) as resp:
+        assert b'"done": true' in await resp.read()

@@ -33,6 +33,23 @@ class TestTenantsAndKeys:
         assert new.secret not in repr(store.keys) and record.key_hash.startswith("$argon2id$")
         assert record.scopes == {Scope.CHAT, Scope.EMBEDDINGS}
 
+    @pytest.mark.parametrize("name", ["alpha one", "Zürich build box", "x" * 64, "k'quoted"])
+    async def test_key_names_are_human_labels(self, admin: Admin, name: str) -> None:
+        await _tenant(admin)
+        _, record = await admin.create_key("acme", name)
+        assert record.name == name
+
+    @pytest.mark.parametrize("name", ["", " ", "x" * 65, "a\nprefix=nz_fake", "tab\there", "bell\x07",
+                                      "rtl\u202eoverride"])
+    async def test_key_names_with_control_characters_or_out_of_length_are_refused(
+        self, admin: Admin, store: InMemoryTenantStore, name: str
+    ) -> None:
+        await _tenant(admin)
+        before = len(store.events)
+        with pytest.raises(AdminError):
+            await admin.create_key("acme", name)
+        assert len(store.events) == before and not store.keys
+
     async def test_every_change_is_recorded_with_its_actor(
         self, admin: Admin, store: InMemoryTenantStore
     ) -> None:

@@ -1,0 +1,174 @@
+"""The forward-and-settle use case (SPEC §4.1 from admission on, §4.8, §6.2).
+
+Admit → breaker gate → upstream call → settle on an answer, charge the prompt when the caller
+hangs up while the model works, release on every other path. Each grant is settled or released
+exactly once, whatever ends the request (error, cancellation, client gone), and the admission
+itself is shielded: a caller cancelled while it is in flight still gets its reservation returned.
+The transport's framing (SSE, NDJSON, HTTP) stays in the adapter, behind `Delivery`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Protocol
+
+from attrs import define, frozen
+
+from gateway_core.answers import answer_text, embedding_usage, safe_upstream_message, usage_of
+from gateway_core.errors import GatewayError, InvalidRequest, ModelNotAllowed, UpstreamUnavailable
+from gateway_core.metering import Grant, Metering
+from gateway_core.models import Principal
+from gateway_core.ports import Upstream, UpstreamAnswer, UpstreamGate
+from gateway_core.request import CallerRequest, Kind
+from gateway_core.tokens import estimate_chunks
+
+
+@define
+class Relayed:
+    """What a stream relay got through so far; filled in as it goes, read whatever ends it."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    chunks: int = 0
+    completed: bool = False
+    failed: bool = False  # the upstream broke off or sent an error
+    client_gone: bool = False
+    text: list[str] | None = None
+
+
+@frozen
+class Answer:
+    """A complete (non-stream) answer, charged already; `body` goes to the caller untouched."""
+
+    body: bytes
+    text: str | None
+
+
+class Delivery(Protocol):
+    """The transport side of one request: it frames, the use case decides."""
+
+    def admitted(self, grant: Grant) -> None:
+        """The grant's headers belong on whatever response follows."""
+        ...
+
+    def charged(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """What the request is charged; called before the settlement is awaited."""
+        ...
+
+    async def relay(self, answer: UpstreamAnswer, relayed: Relayed) -> None:
+        """Relay a stream to the caller, recording progress in *relayed*."""
+        ...
+
+
+class Forwarding:
+    def __init__(self, metering: Metering, gate: UpstreamGate, upstream: Upstream) -> None:
+        self._metering = metering
+        self._gate = gate
+        self._upstream = upstream
+        self._orphans: set[asyncio.Task[None]] = set()
+
+    async def admit(self, principal: Principal, request: CallerRequest) -> Grant:
+        """Admission, shielded from cancellation: if the caller is gone by the time the decision
+        returns, the grant is released at once instead of holding its slot until the lease expires."""
+        task = asyncio.ensure_future(self._metering.admit(principal, request.prompt_estimate, request.cap))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_orphan)
+            raise
+
+    def _release_orphan(self, task: asyncio.Future[Grant]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        release = asyncio.ensure_future(self._metering.release(task.result()))
+        self._orphans.add(release)
+        release.add_done_callback(self._orphans.discard)
+
+    async def forward(self, principal: Principal, request: CallerRequest, model: str,
+                      delivery: Delivery, *, want_text: bool = False) -> Answer | None:
+        """The answer (None when a stream was relayed); raises the §3.3 error otherwise."""
+        grant = await self.admit(principal, request)
+        delivery.admitted(grant)
+        sent = False
+        try:
+            body = request.upstream_body(model, grant.completion_cap)
+            await self._gate.before_call()
+            sent = True
+            async with self._upstream.post(request.route.path, body) as answer:
+                if answer.status != 200:
+                    raise await self._failure(answer)
+                await self._gate.record(True)
+                if request.stream:
+                    await self._stream(grant, answer, delivery)
+                    return None
+                return await self._complete(grant, request, answer, delivery, want_text)
+        except UpstreamUnavailable as exc:
+            if exc.__cause__ is not None:
+                await self._gate.record(False)
+            # If this failure opened the circuit, the honest wait is until it half-opens.
+            exc.retry_after_s = max(exc.retry_after_s or 1.0, self._gate.seconds_to_half_open())
+            raise
+        except asyncio.CancelledError:
+            # The caller hung up while the model was working: its prompt was processed, so charge it.
+            if sent and not grant.settled:
+                await self._settle(grant, delivery, grant.ticket.prompt_tokens, 0)
+            raise
+        finally:
+            if not grant.settled:
+                # Shielded: a caller who hangs up must not leave its slot and reservation taken.
+                await asyncio.shield(self._metering.release(grant))
+
+    async def _failure(self, answer: UpstreamAnswer) -> GatewayError:
+        """Map an upstream status to §3.3; the upstream body itself is never passed through."""
+        status = answer.status
+        if status >= 500:
+            await self._gate.record(False)
+            return UpstreamUnavailable(retry_after_s=1.0)
+        await self._gate.record(True)  # a 4xx answer means the upstream is alive (SPEC §4.8)
+        if status == 404:
+            return ModelNotAllowed()
+        if status == 400:
+            message = safe_upstream_message(await answer.error_message())
+            if message is not None:
+                return InvalidRequest(f"The model backend rejected the request: {message}")
+            return InvalidRequest("The model backend rejected the request as invalid.")
+        return UpstreamUnavailable(retry_after_s=1.0)
+
+    async def _complete(self, grant: Grant, request: CallerRequest, answer: UpstreamAnswer,
+                        delivery: Delivery, want_text: bool) -> Answer:
+        raw = await answer.read()
+        route = request.route
+        text: str | None = None
+        if route.kind is Kind.EMBEDDING:
+            usage = embedding_usage(route, raw)
+        else:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                raise UpstreamUnavailable(retry_after_s=1.0) from None
+            usage = usage_of(route, parsed)
+            if want_text:
+                text = answer_text(parsed)
+        prompt, completion = usage or (grant.ticket.prompt_tokens, 0)
+        await self._settle(grant, delivery, prompt, completion)
+        return Answer(raw, text)
+
+    async def _stream(self, grant: Grant, answer: UpstreamAnswer, delivery: Delivery) -> None:
+        relayed = Relayed()
+        try:
+            await delivery.relay(answer, relayed)
+        finally:
+            # Charged: the upstream's count when it arrived, else the prompt estimate and one token
+            # per relayed chunk (SPEC §6.2), also for streams cut by the caller or by the upstream.
+            prompt = (relayed.prompt_tokens if relayed.prompt_tokens is not None
+                      else grant.ticket.prompt_tokens)
+            completion = (relayed.completion_tokens if relayed.completion_tokens is not None
+                          else estimate_chunks(relayed.chunks))
+            if relayed.failed:
+                await self._gate.record(False)
+            await self._settle(grant, delivery, prompt, completion)
+
+    async def _settle(self, grant: Grant, delivery: Delivery, prompt: int, completion: int) -> None:
+        delivery.charged(prompt, completion)
+        await asyncio.shield(self._metering.settle(grant, prompt, completion))

@@ -1,0 +1,236 @@
+"""The forward-and-settle use case: every exit path settles or releases exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import pytest
+
+from gateway_core.admission import Settlement, Ticket
+from gateway_core.budget import Budget, Period
+from gateway_core.errors import DependencyUnavailable, ModelNotAllowed, UpstreamUnavailable
+from gateway_core.forwarding import Forwarding, Relayed
+from gateway_core.limits import Limits
+from gateway_core.metering import Grant, Metering
+from gateway_core.models import Principal, Scope
+from gateway_core.ports import LedgerEntry, UpstreamAnswer
+from gateway_core.request import ROUTES, CallerRequest, parse_request
+from tests.fakes import (
+    FrozenClock,
+    InMemoryAdmission,
+    InMemoryLedger,
+    RecordingGate,
+    ScriptedAnswer,
+    ScriptedUpstream,
+)
+
+PRINCIPAL = Principal(key_id=5, key_prefix="nz_abcdefghi", tenant_id=9, tenant_name="acme",
+                      scopes=frozenset(Scope), key_limits=Limits(concurrent=1),
+                      tenant_limits=Limits(rpm=1000, tpm=1_000_000, concurrent=100),
+                      budget=Budget(daily=10_000))
+ANSWER = json.dumps({"model": "m", "message": {"role": "assistant", "content": "hello"}, "done": True,
+                     "prompt_eval_count": 7, "eval_count": 3}).encode()
+
+
+class CountingAdmission(InMemoryAdmission):
+    """Counts settle/release per lease; can hold admissions and fail the Redis side of settling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends: Counter[str] = Counter()
+        self.hold: asyncio.Event | None = None
+        self.down = False
+
+    async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None):  # type: ignore[no-untyped-def]
+        if self.hold is not None:
+            await self.hold.wait()
+        return await super().admit(ticket, seeds)
+
+    async def settle(self, settlement: Settlement) -> None:
+        if self.down:
+            raise DependencyUnavailable()
+        self.ends[settlement.ticket.lease_id] += 1
+        await super().settle(settlement)
+
+    async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
+        if self.down:
+            raise DependencyUnavailable()
+        self.ends[ticket.lease_id] += 1
+        await super().release(ticket, reserved_tokens)
+
+
+class Recorder:
+    """A Delivery that relays nothing but what the test scripts."""
+
+    def __init__(self, on_relay: str = "complete") -> None:
+        self.grant: Grant | None = None
+        self.charges: list[tuple[int, int]] = []
+        self.on_relay = on_relay
+
+    def admitted(self, grant: Grant) -> None:
+        self.grant = grant
+
+    def charged(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.charges.append((prompt_tokens, completion_tokens))
+
+    async def relay(self, answer: UpstreamAnswer, relayed: Relayed) -> None:
+        async for _ in answer.chunks():
+            relayed.chunks += 1
+            if self.on_relay == "gone_after_first":
+                relayed.client_gone = True
+                return
+        if self.on_relay == "complete":
+            relayed.prompt_tokens, relayed.completion_tokens, relayed.completed = 7, 3, True
+
+
+class Rig:
+    def __init__(self, upstream: ScriptedUpstream | None = None) -> None:
+        self.store = CountingAdmission()
+        self.ledger = InMemoryLedger()
+        self.clock = FrozenClock()
+        self.metering = Metering(self.store, self.ledger, self.clock, default_completion_reserve=100)
+        self.gate = RecordingGate()
+        self.upstream = upstream or ScriptedUpstream(ScriptedAnswer(body=ANSWER))
+        self.forwarding = Forwarding(self.metering, self.gate, self.upstream)
+
+    def request(self, **extra: object) -> CallerRequest:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi there"}], "stream": False, **extra}
+        return parse_request(ROUTES["/api/chat"], json.dumps(body).encode())
+
+    def assert_ended_once(self, delivery: Recorder) -> None:
+        assert delivery.grant is not None
+        assert self.store.ends[delivery.grant.ticket.lease_id] == 1
+        assert self.metering.in_flight == {}
+        assert all(not leases for leases in self.store.leases.values()), self.store.leases
+
+    async def slot_is_free(self) -> bool:
+        grant = await self.metering.admit(PRINCIPAL, 1, 1)
+        await self.metering.release(grant)
+        return True
+
+
+async def test_success_settles_real_usage_once() -> None:
+    rig, delivery = Rig(), Recorder()
+    answer = await rig.forwarding.forward(PRINCIPAL, rig.request(), "m:latest", delivery)
+    assert answer is not None and answer.body == ANSWER
+    assert rig.ledger.entries == [LedgerEntry(5, rig.clock.now(), 7, 3)]
+    assert delivery.charges == [(7, 3)] and rig.gate.outcomes == [True]
+    rig.assert_ended_once(delivery)
+    sent = json.loads(rig.upstream.sent[0][1])
+    assert sent["model"] == "m:latest" and 1 <= sent["options"]["num_predict"] <= 10_000
+
+
+@pytest.mark.parametrize("status,error", [(500, UpstreamUnavailable), (404, ModelNotAllowed)])
+async def test_an_upstream_error_status_releases_and_charges_nothing(status: int, error: type) -> None:
+    rig, delivery = Rig(ScriptedUpstream(ScriptedAnswer(status=status))), Recorder()
+    with pytest.raises(error):
+        await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+    assert rig.ledger.entries == [] and delivery.charges == []
+    assert rig.gate.outcomes == [status < 500]
+    rig.assert_ended_once(delivery)
+    assert await rig.slot_is_free()
+
+
+async def test_an_unreachable_upstream_releases_and_counts_as_a_failure() -> None:
+    failure = UpstreamUnavailable(retry_after_s=1.0)
+    failure.__cause__ = OSError("refused")
+    rig, delivery = Rig(ScriptedUpstream(error=failure)), Recorder()
+    with pytest.raises(UpstreamUnavailable):
+        await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+    assert rig.gate.outcomes == [False] and rig.ledger.entries == []
+    rig.assert_ended_once(delivery)
+
+
+async def test_caller_gone_before_the_first_byte_is_charged_the_prompt_once() -> None:
+    stall = asyncio.Event()
+    rig, delivery = Rig(ScriptedUpstream(ScriptedAnswer(body=ANSWER, stall=stall))), Recorder()
+    task = asyncio.create_task(rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery))
+    while rig.upstream.open == 0:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert delivery.grant is not None
+    prompt = delivery.grant.ticket.prompt_tokens
+    assert rig.ledger.entries == [LedgerEntry(5, rig.clock.now(), prompt, 0)]
+    rig.assert_ended_once(delivery)
+    assert rig.upstream.open == 0  # the upstream connection was closed, which stops generation
+
+
+async def test_caller_gone_after_the_first_byte_is_charged_what_was_relayed() -> None:
+    chunks = [b'{"done":false}\n', b'{"done":false}\n', b'{"done":true}\n']
+    rig = Rig(ScriptedUpstream(ScriptedAnswer(chunks=chunks)))
+    delivery = Recorder(on_relay="gone_after_first")
+    assert await rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery) is None
+    assert delivery.grant is not None
+    assert rig.ledger.entries == [LedgerEntry(5, rig.clock.now(), delivery.grant.ticket.prompt_tokens, 1)]
+    rig.assert_ended_once(delivery)
+
+
+async def test_cancelled_mid_stream_settles_once_with_the_chunks_so_far() -> None:
+    stall = asyncio.Event()
+    rig = Rig(ScriptedUpstream(ScriptedAnswer(chunks=[b"a", b"b"], stall=stall)))
+    delivery = Recorder()
+    task = asyncio.create_task(rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery))
+    while rig.upstream.open == 0:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert delivery.grant is not None
+    assert delivery.charges == [(delivery.grant.ticket.prompt_tokens, 1)]
+    rig.assert_ended_once(delivery)
+
+
+async def test_a_complete_stream_settles_the_upstream_count() -> None:
+    rig, delivery = Rig(ScriptedUpstream(ScriptedAnswer(chunks=[b"a", b"b"]))), Recorder()
+    assert await rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery) is None
+    assert rig.ledger.entries == [LedgerEntry(5, rig.clock.now(), 7, 3)]
+    rig.assert_ended_once(delivery)
+
+
+async def test_cancellation_during_admission_releases_the_grant_when_it_returns() -> None:
+    rig, delivery = Rig(), Recorder()
+    rig.store.hold = asyncio.Event()
+    task = asyncio.create_task(rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rig.store.hold.set()  # the admission script "returns" after the caller left
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert delivery.grant is None and rig.upstream.sent == []
+    assert sum(rig.store.ends.values()) == 1 and rig.metering.in_flight == {}
+    assert await rig.slot_is_free()
+    assert rig.ledger.entries == []
+
+
+async def test_a_redis_failure_at_settlement_still_delivers_and_is_put_right_later() -> None:
+    rig, delivery = Rig(), Recorder()
+    rig.store.down = True
+    real_admit = rig.store.admit
+
+    async def admit_while_up(ticket: Ticket, seeds: dict[Period, int] | None = None):  # type: ignore[no-untyped-def]
+        rig.store.down = False
+        try:
+            return await real_admit(ticket, seeds)
+        finally:
+            rig.store.down = True
+
+    rig.store.admit = admit_while_up  # type: ignore[method-assign]
+    answer = await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+    assert answer is not None and answer.body == ANSWER  # delivered, not a 503
+    assert rig.ledger.entries == [LedgerEntry(5, rig.clock.now(), 7, 3)]
+    assert len(rig.metering.unsettled) == 1
+    with pytest.raises(DependencyUnavailable):
+        await rig.metering.retry_unsettled()  # still down: kept
+    assert len(rig.metering.unsettled) == 1
+    rig.store.down = False
+    await rig.metering.renew_leases()  # the periodic job retries
+    assert len(rig.metering.unsettled) == 0
+    rig.assert_ended_once(delivery)
+    assert await rig.slot_is_free()
