@@ -66,5 +66,5 @@ def serve(settings: Settings, workers: int | None = None) -> None:
     if count == 1:
         run_in_loop(settings)
         return
-    configure_logging(settings.log_format, settings.log_level, static={"worker": "supervisor"})
+    configure_logging(settings.log_format, settings.log_level, static={"role": "supervisor"})
     sys.exit(supervise(settings, count, run_in_loop, grace_s=SHUTDOWN_GRACE_S))

@@ -55,10 +55,10 @@ def supervise(settings: Settings, count: int, target: Callable[[Settings, int], 
     failed: list[BaseProcess] = []
     try:
         for index in range(count):
-            proc = context.Process(target=_worker_main, args=(target, settings, index),
-                                   name=f"gateway-worker-{index}")
-            proc.start()
-            workers.append(proc)
+            worker = context.Process(target=_worker_main, args=(target, settings, index),
+                                     name=f"gateway-worker-{index}")
+            worker.start()
+            workers.append(worker)
         log.info("workers started", workers=count, pids=[p.pid for p in workers])
         while not stopping:
             wait([*(p.sentinel for p in workers), wake_r], timeout=5.0)
