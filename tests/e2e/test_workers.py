@@ -140,10 +140,14 @@ async def requests_counted(metrics_port: int, tenant: str) -> int:
     return sum(int(float(m.group(1))) for line in text.splitlines() if (m := pattern.match(line)))
 
 
+def process_exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
 async def audited(database_url: str, request_ids: list[str]) -> dict[str, int]:
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        cur = await conn.execute("SELECT request_id, status FROM gateway.audit_log WHERE request_id = ANY(%s)",
-                                 (request_ids,))
+        cur = await conn.execute(
+            "SELECT request_id, status FROM gateway.audit_log WHERE request_id = ANY(%s)", (request_ids,))
         return {str(rid): int(status) for rid, status in await cur.fetchall()}
 
 
@@ -180,16 +184,16 @@ async def test_a_dead_worker_stops_the_gateway_with_a_failure_code(workers: Work
     os.kill(pids[1], signal.SIGKILL)
     assert await workers.wait(60) == 1, workers.tail()
     # The other worker was drained, not left behind.
-    assert not Path(f"/proc/{pids[0]}").exists()
+    assert not process_exists(pids[0])
     died = [e for e in workers.events() if e.get("event") == "worker exited; stopping the gateway"]
     assert [(e["worker"], e["exit_code"]) for e in died] == [(1, -signal.SIGKILL)]
 
 
 async def test_a_port_out_of_range_for_the_metrics_of_every_worker_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "METRICS_PORT": "65535"}
-    proc = await asyncio.create_subprocess_exec(CLI, "serve", "--workers", "2", env=env,
-                                                stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        CLI, "serve", "--workers", "2", env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     assert err.decode().strip().splitlines() == [
