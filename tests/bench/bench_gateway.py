@@ -294,8 +294,9 @@ class LoadGenerator:
             script = self.workdir / f"wrk-{name}.lua"
             auth_line = f'wrk.headers["Authorization"] = "Bearer {auth}"' if auth else ""
             script.write_text(WRK_SCRIPT.format(body=payload, auth=auth_line), encoding="utf-8")
-            cmd = [str(self.wrk), "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s",
-                   "-s", str(script), url]
+            # wrk takes whole seconds only.
+            cmd = [str(self.wrk), "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+                   "--timeout", "10s", "-s", str(script), url]
         else:
             body_file = self.workdir / f"body-{name}.json"
             body_file.write_text(payload, encoding="utf-8")
