@@ -2,7 +2,8 @@
 
 ``python -m tests.bench.profile_areas DIR_OR_FILES...`` (profiles from ``bench_gateway --py-spy DIR
 --py-spy-format raw``). Each sample is charged to the innermost frame that belongs to a known area
-(so redis-py parsing called from our admission adapter counts as redis-py: "self" time by area),
+(so redis-py parsing called from our admission adapter counts as redis-py: "self" time by area;
+samples of idle thread-pool workers are left out),
 and separately every sample that passes through one of our own steps counts for that step
 ("inclusive" time: admission = the whole Redis call, observer = log + metrics + audit enqueue).
 """
@@ -14,6 +15,12 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
+
+# py-spy counts a thread-pool worker blocked on its queue as busy; those samples are not CPU.
+IDLE = re.compile(r"^_worker \(concurrent/futures/thread\.py:\d+\)$")
+# A leaf in a transport write is the kernel's send() on loopback, which also delivers to the reader.
+SOCKET_WRITE = re.compile(
+    r"^(StreamWriter\._?writelines?|StreamWriter\._write) \((aiohttp/http_writer|asyncio/streams)")
 
 # (area, pattern on "function (file:line)") — innermost frame first; the first match wins.
 AREAS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(pattern)) for name, pattern in (
@@ -42,8 +49,9 @@ STEPS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(pattern
     ("model policy", r"^ModelPolicy\."),
     ("upstream call (OllamaBackend)", r"^OllamaBackend\."),
     ("observer: log + metrics + audit enqueue", r"^RequestObserver\.finish "),
-    ("  of which the log event", r"^BoundLoggerFilteringAtInfo\.info |^info \(structlog"),
+    ("  of which the log event (structlog)", r"\(structlog/_native\.py"),
     ("  of which metrics", r"^GatewayMetrics\.observe "),
+    ("  of which uuid4 for the audit row (os.urandom)", r"^uuid4 \(uuid\.py"),
     ("batched PostgreSQL writers", r"\(adapters/postgres/batching\.py"),
 ))
 
@@ -65,9 +73,14 @@ def analyse(paths: list[Path]) -> tuple[int, Counter[str], Counter[str]]:
             if not line.strip():
                 continue
             stack, count = frames(line)
+            if stack and IDLE.search(stack[-1]):
+                continue
             total += count
-            area = next((name for frame in reversed(stack) for name, pattern in AREAS
-                         if pattern.search(frame)), "other")
+            if stack and SOCKET_WRITE.search(stack[-1]):
+                area = "socket writes (send syscalls)"
+            else:
+                area = next((name for frame in reversed(stack) for name, pattern in AREAS
+                             if pattern.search(frame)), "other")
             by_area[area] += count
             for name, pattern in STEPS:
                 if any(pattern.search(frame) for frame in stack):
