@@ -14,6 +14,8 @@ already shared through Redis and PostgreSQL. The supervisor holds no sockets and
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
 import signal
@@ -30,6 +32,7 @@ from entrypoints.settings import Settings
 
 # After the request grace a worker still flushes its writers (bounded); past this it is killed.
 _FLUSH_MARGIN_S = 30.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def supervise(settings: Settings, count: int, target: Callable[[Settings, int], None], *,
@@ -55,7 +58,7 @@ def supervise(settings: Settings, count: int, target: Callable[[Settings, int], 
     failed: list[BaseProcess] = []
     try:
         for index in range(count):
-            worker = context.Process(target=_worker_main, args=(target, settings, index),
+            worker = context.Process(target=_worker_main, args=(target, settings, index, os.getpid()),
                                      name=f"gateway-worker-{index}")
             worker.start()
             workers.append(worker)
@@ -86,13 +89,26 @@ def supervise(settings: Settings, count: int, target: Callable[[Settings, int], 
         wake_w.close()
 
 
-def _worker_main(target: Callable[[Settings, int], None], settings: Settings, index: int) -> None:
+def _worker_main(target: Callable[[Settings, int], None], settings: Settings, index: int,
+                 supervisor: int) -> None:
     # The supervisor's handlers and wakeup socket are inherited through fork; the worker's event
     # loop installs its own handlers for SIGTERM/SIGINT.
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    _drain_when_orphaned(supervisor)
     target(settings, index)
+
+
+def _drain_when_orphaned(supervisor: int) -> None:
+    """A supervisor killed with SIGKILL cannot stop its workers: the kernel sends them SIGTERM then."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: orphans keep serving until stopped
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _drain(sock: socket.socket) -> None:

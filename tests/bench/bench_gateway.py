@@ -596,7 +596,7 @@ def targets_check(bench: Bench, c_lat: int, c_thr: int, workers: int) -> list[tu
         g, p = gw.cpu_ms_per_request["target"], px.cpu_ms_per_request["target"]
         checks.append((f"gateway CPU per request, {scenario} c={c_thr} <= {limit} ms", g <= limit,
                        f"{g:.3f} ms"))
-        checks.append(("  ... within 0.2 ms of the bare proxy's", g - p <= 0.2,
+        checks.append((f"  ... {scenario} within 0.2 ms of the bare proxy's", g - p <= 0.2,
                        f"{g:.3f} - {p:.3f} = {g - p:+.3f} ms"))
     gw, direct = phase("chat", "gateway", c_lat), phase("chat", "direct", c_lat)
     if gw is not None and direct is not None:

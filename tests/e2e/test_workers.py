@@ -198,3 +198,21 @@ async def test_a_port_out_of_range_for_the_metrics_of_every_worker_is_refused(tm
     assert proc.returncode == 2
     assert err.decode().strip().splitlines() == [
         "error: METRICS_PORT=65535 leaves no room for 2 workers' metrics ports"]
+
+
+async def test_workers_of_a_killed_supervisor_drain_and_exit(workers: Workers) -> None:
+    pids = workers.worker_pids()
+    assert workers.proc is not None
+    workers.proc.kill()  # SIGKILL: the supervisor cannot forward anything
+    workers.proc.wait(10)
+    deadline = time.monotonic() + 60
+    while any(process_exists(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"workers {pids} still running after their supervisor died"
+        await asyncio.sleep(0.1)
+    # Nobody is left holding the port.
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.get(workers.url + "/healthz") as resp:
+                raise AssertionError(f"something still answers on the port: {resp.status}")
+        except aiohttp.ClientConnectorError:
+            pass
