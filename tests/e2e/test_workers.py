@@ -44,6 +44,7 @@ class Workers:
                     "METRICS_PORT": str(self.metrics_port), "AUDIT_SPOOL_DIR": str(workdir / "spool"),
                     "LOG_FORMAT": "json", "LOG_LEVEL": "info", "MODEL_DISCOVERY_REFRESH_S": "1"}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_pids: list[int] = []
 
     async def start(self, timeout_s: float = 30.0) -> None:
         with self.log.open("wb") as out:
@@ -58,6 +59,7 @@ class Workers:
                     try:
                         async with http.get(self.url + "/readyz") as resp:
                             if resp.status == 200:
+                                self.started_pids = self.worker_pids()
                                 return
                     except aiohttp.ClientError:
                         pass
@@ -77,15 +79,16 @@ class Workers:
         return code
 
     def kill(self) -> None:
+        """Teardown: the supervisor and every worker it started, whatever state the test left."""
         if self.proc is not None and self.proc.poll() is None:
-            pids = self.worker_pids()
             self.proc.kill()
             self.proc.wait(10)
-            for pid in pids:
-                try:
+        for pid in self.started_pids:
+            try:  # only if the pid is still one of ours, not a reused number
+                if b"neuronetz-gateway" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            except (FileNotFoundError, ProcessLookupError):
+                pass
 
     def events(self) -> list[dict[str, Any]]:
         found = []
