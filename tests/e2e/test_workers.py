@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -32,11 +33,22 @@ from tests.services import free_port
 CHAT_MODEL = "llama3.1:8b"
 
 
+def free_pair() -> int:
+    """A free port whose successor is free too: worker 1 serves its metrics on METRICS_PORT + 1."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
 class Workers:
     def __init__(self, database_url: str, redis_url: str, fake: FakeOllama, workdir: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        while self.metrics_port + 1 in (self.port, 65536):
-            self.metrics_port = free_port()
+        self.port, self.metrics_port = free_port(), free_pair()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "gateway.log"
         self.env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
