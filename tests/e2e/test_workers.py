@@ -173,11 +173,20 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(
     assert sorted(e["worker"] for e in listening) == [0, 1]
     assert len(set(workers.worker_pids())) == 2
 
+    # Each worker reads the model-discovery copy within a second of starting; until then it knows
+    # no model (403, fail-closed). Wait until both answer.
+    deadline = time.monotonic() + 20
+    while set(await asyncio.gather(*(chat(workers.url, secret, f"w-{uuid.uuid4().hex}")
+                                     for _ in range(10)))) != {200}:
+        assert time.monotonic() < deadline, "the workers do not all serve the model"
+        await asyncio.sleep(0.2)
+    before = [await requests_counted(workers.metrics_port + i, tenant) for i in (0, 1)]
+
     first = [f"w-{uuid.uuid4().hex}" for _ in range(40)]
     statuses = await asyncio.gather(*(chat(workers.url, secret, rid) for rid in first))
     assert statuses == [200] * 40
     # Each worker serves its own /metrics on METRICS_PORT + index, and both took a share of the load.
-    per_worker = [await requests_counted(workers.metrics_port + i, tenant) for i in (0, 1)]
+    per_worker = [await requests_counted(workers.metrics_port + i, tenant) - before[i] for i in (0, 1)]
     assert sum(per_worker) == 40 and min(per_worker) > 0, per_worker
 
     # SIGTERM while requests are in flight: they finish, and every audit row is written before exit.
