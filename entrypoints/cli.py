@@ -132,11 +132,18 @@ def cli() -> None:
 
 
 @cli.command()
-def serve() -> None:
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Processes on the one port (SO_REUSEPORT); default GATEWAY_WORKERS.")
+def serve(workers: int | None) -> None:
     """Run the gateway."""
     from entrypoints.server import serve as run_server
 
-    run_server(_settings())
+    settings = _settings()
+    count = settings.gateway_workers if workers is None else workers
+    # Worker i serves /metrics on METRICS_PORT + i (docs/operations.md).
+    if settings.metrics_port + count - 1 > 65535:
+        _fail(f"METRICS_PORT={settings.metrics_port} leaves no room for {count} workers' metrics ports", 2)
+    run_server(settings, count)
 
 
 @cli.command()

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "LOG_LEVEL": "info",
     # Not in SPEC §12: where the audit writer spools rows Postgres could not take (SPEC §8.3).
     "AUDIT_SPOOL_DIR": "/var/tmp/neuronetz-gateway",
+    "GATEWAY_WORKERS": 1,
 }
 
 
@@ -67,6 +68,7 @@ class Settings:
     log_format: str
     log_level: str
     audit_spool_dir: str
+    gateway_workers: int
 
 
 def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
@@ -146,6 +148,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "LOG_FORMAT": _choice("json", "console"),
     "LOG_LEVEL": _choice("debug", "info", "warning", "error"),
     "AUDIT_SPOOL_DIR": _text,
+    "GATEWAY_WORKERS": _int(1, 64),
 }
 
 
