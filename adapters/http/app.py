@@ -15,7 +15,7 @@ from adapters.circuit import CircuitGate
 from adapters.http.errors import error_response
 from adapters.http.exchange import Exchange, Observer, request_id_for
 from adapters.ollama import OllamaBackend
-from gateway_core.errors import GatewayError, InvalidRequest, NotFound, RequestTooLarge
+from gateway_core.errors import DependencyUnavailable, GatewayError, InvalidRequest, NotFound, RequestTooLarge
 from gateway_core.gateway import Authenticator, ModelPolicy
 from gateway_core.metering import Metering
 
@@ -48,6 +48,8 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         resp = await handler(request)
     except GatewayError as exc:
+        if isinstance(exc, DependencyUnavailable):
+            ex.dependency = f"{exc.dependency or 'unknown'}:{exc.error_class or type(exc).__name__}"
         resp = error_response(exc)
     except web.HTTPException as exc:
         resp = error_response(_from_http(exc))

@@ -39,6 +39,8 @@ class Exchange:
     prompt_text: str | None = None
     response_text: str | None = None
     audited: bool = True
+    # For a 503: which dependency refused and the class of its error (logged, never shown).
+    dependency: str | None = None
 
     @property
     def latency_ms(self) -> float:

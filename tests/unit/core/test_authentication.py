@@ -108,7 +108,7 @@ class TestAuthenticate:
 
         async def evicting_lookup(prefix: str) -> tuple[str, Principal] | None:
             found = await original(prefix)
-            rig.cache.evict_prefix(prefix)  # a revocation lands while the key is being verified
+            await rig.cache.evict_prefix(prefix)  # a revocation lands while the key is being verified
             return found
 
         rig.source.principal_by_prefix = evicting_lookup  # type: ignore[method-assign]
