@@ -139,3 +139,22 @@ class TestRedisOnly:
         names = [n async for n in redis.scan_iter(match="*gwkc*")]
         assert len(names) >= 6
         assert {key_slot(n) for n in names} == {key_slot(b"{gwkc}")}
+
+
+async def test_discovery_and_auth_failure_keys_share_a_slot_per_operation(redis: Redis) -> None:
+    """SPEC §4.11: the discovery copy (written in one MULTI) and each IP's two counters (one MGET)."""
+    from adapters.redis.auth_failures import RedisAuthFailures
+    from adapters.redis.discovery import DISCOVERED_KEY, ENTRIES_KEY, POLL_LOCK_KEY
+
+    assert len({key_slot(k.encode()) for k in (DISCOVERED_KEY, ENTRIES_KEY, POLL_LOCK_KEY)}) == 1
+    failures = RedisAuthFailures(redis, 5)
+    ip = f"192.0.2.{uuid.uuid4().int % 250}"
+    await failures.record(ip, 1_790_000_000.0)
+    await failures.record(ip, 1_790_000_060.0)
+    assert await failures.blocked_for(ip, 1_790_000_061.0) is None
+    names = [n async for n in redis.scan_iter(match="gw:authfail:*")]
+    by_ip: dict[bytes, set[int]] = {}
+    for name in names:
+        by_ip.setdefault(name.rsplit(b":", 1)[0], set()).add(key_slot(name))
+    assert by_ip and all(len(slots) == 1 for slots in by_ip.values())
+    assert any(len([n for n in names if n.startswith(prefix)]) == 2 for prefix in by_ip)
