@@ -156,8 +156,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
 
     app[REFRESH_GAUGES] = refresh_gauges
     await redis_health.start()
-    with contextlib.suppress(DependencyUnavailable):
-        await auth.warm_up()
+    await auth.warm_up()
     await listener.start()
     await discovery.start()
     tasks = [

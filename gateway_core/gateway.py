@@ -65,8 +65,7 @@ class Authenticator:
         p = self._p
         if not p.feed.trusted():
             # Without the revocation listener a cached key may have been revoked (SPEC §8.5).
-            raise DependencyUnavailable("The gateway cannot check this request right now. Try again later.",
-                                        dependency="change_feed")
+            raise DependencyUnavailable(dependency="change_feed")
         key = bearer_key(authorization)
         if key is None:
             await self._refuse(client_ip)
