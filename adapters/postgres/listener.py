@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Protocol
 
 import psycopg
@@ -52,7 +53,7 @@ class ChangeListener:
         self._trusted = False
         self._ready = asyncio.Event()
         # Where the previous connection caught up (database clock), None before the first one.
-        self._caught_up_at: object | None = None
+        self._caught_up_at: datetime | None = None
         self._applied_changes: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
