@@ -58,13 +58,13 @@ def make_redis(settings: Settings) -> Redis:
 
     Short timeouts: a dead Redis must turn into a quick 503, not a hung request (SPEC §8.5). A pooled
     connection left dead by a Redis restart fails with ConnectionError: that command is retried once
-    on a fresh connection before anything is refused, and a connection idle for a second is pinged
-    before use. Timeouts are not retried (the command may have run; a retry could double a charge;
-    redis-py's default would retry them ten times with backoff, far past any caller's patience).
+    on a fresh connection before anything is refused. No health-check PING before use: it would add a
+    round trip to the hot path after every idle second, and the retry already covers it. Timeouts
+    are not retried (the command may have run; a retry could double a charge; redis-py's default
+    would retry them ten times with backoff, far past any caller's patience).
     """
     return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
-                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                          health_check_interval=1)
+                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
 
 @asynccontextmanager
