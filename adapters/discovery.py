@@ -74,10 +74,18 @@ class Discovery:
 
     async def tick(self) -> None:
         if time.monotonic() >= self._next_poll:
-            self._next_poll = time.monotonic() + self._refresh_s
-            if await self._cache.try_poll_lock(self._owner, self._refresh_s * 0.9):
-                await self.poll()
-        await self.sync()
+            await self._poll_under_lock()
+        if not await self.sync():
+            # The shared copy is gone (Redis restarted or flushed): poll at once instead of at the
+            # next interval, or every model is denied until then (SPEC §4.6). The lock still keeps
+            # it to one replica; the others pick the result up at their next sync.
+            await self._poll_under_lock()
+            await self.sync()
+
+    async def _poll_under_lock(self) -> None:
+        self._next_poll = time.monotonic() + self._refresh_s
+        if await self._cache.try_poll_lock(self._owner, self._refresh_s * 0.9):
+            await self.poll()
 
     async def poll(self) -> None:
         data = await self._backend.tags()
@@ -85,13 +93,15 @@ class Discovery:
         await self._cache.store(entries, self._ttl_s)
         self.last_success = time.time()
 
-    async def sync(self) -> None:
+    async def sync(self) -> bool:
+        """Copy the shared set in; False when it is missing. The in-process copy then stays until
+        its own expiry: it was true when read, and a flush is not news about Ollama."""
         found = await self._cache.read()
         if found is None:
-            self._catalog = None
-            return
+            return False
         names, entries, ttl_ms = found
         self._expires_at = time.time() + ttl_ms / 1000
         if self._catalog is None or self._catalog.names != tuple(names):
             self._versions += 1
             self._catalog = Catalog(version=self._versions, names=tuple(names), entries=tuple(entries))
+        return True

@@ -11,8 +11,10 @@ from redis.asyncio import Redis
 from adapters.redis.errors import redis_guard
 
 DISCOVERED_KEY = "gateway:models:discovered"
-ENTRIES_KEY = "gateway:models:discovered:entries"
-POLL_LOCK_KEY = "gateway:models:poll-lock"
+# The SPEC names the first key; the others take its whole name as their hash tag, so all three live in
+# its Redis Cluster slot and the MULTI that writes names and entries together stays in one slot.
+ENTRIES_KEY = "{gateway:models:discovered}:entries"
+POLL_LOCK_KEY = "{gateway:models:discovered}:poll-lock"
 
 
 class RedisDiscoveryCache:
