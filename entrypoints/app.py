@@ -134,7 +134,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         auth=auth, policy=ModelPolicy(discovery, clock), metering=metering, backend=backend,
         observer=RequestObserver(audit, prompts, metrics, settings.prompt_log_default_retention_days),
         readiness=readiness, breaker=breaker, max_request_bytes=settings.max_request_bytes,
-        confirm_redis=redis_health.confirm)
+        confirm_redis=redis_health.confirm, trusted_proxies=settings.trusted_proxies)
 
     def refresh_gauges() -> None:
         metrics.circuit_open.set({}, float(breaker.state()))

@@ -6,8 +6,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from attrs import frozen
+from attrs import field, frozen
 from dynaconf import Dynaconf
+
+from adapters.http.client_address import TrustedProxies
 
 
 class SettingsError(Exception):
@@ -39,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "LOG_LEVEL": "info",
     # Not in SPEC §12: where the audit writer spools rows Postgres could not take (SPEC §8.3).
     "AUDIT_SPOOL_DIR": "/var/tmp/neuronetz-gateway",
+    "REDIS_CLUSTER": "false",
+    "TRUSTED_PROXIES": "",
 }
 
 
@@ -67,6 +71,9 @@ class Settings:
     log_format: str
     log_level: str
     audit_spool_dir: str
+    # SPEC §4.11; defaults so that code building Settings by hand needs no change.
+    redis_cluster: bool = False
+    trusted_proxies: TrustedProxies = field(factory=TrustedProxies)
 
 
 def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
@@ -121,6 +128,22 @@ def _text(name: str, raw: Any) -> str:
     return value
 
 
+def _bool(name: str, raw: Any) -> bool:
+    value = str(raw).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off", ""):
+        return False
+    raise SettingsError(f"invalid setting {name}={raw!r}: use true or false")
+
+
+def _cidrs(name: str, raw: Any) -> TrustedProxies:
+    try:
+        return TrustedProxies.parse(str(raw))
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting {name}: {exc}") from None
+
+
 _PORT = _int(1, 65535)
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "DATABASE_URL": _url("postgresql", "postgres"),
@@ -146,6 +169,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "LOG_FORMAT": _choice("json", "console"),
     "LOG_LEVEL": _choice("debug", "info", "warning", "error"),
     "AUDIT_SPOOL_DIR": _text,
+    "REDIS_CLUSTER": _bool,
+    "TRUSTED_PROXIES": _cidrs,
 }
 
 

@@ -12,6 +12,7 @@ from aiohttp.typedefs import Handler
 from attrs import define
 
 from adapters.circuit import CircuitGate
+from adapters.http.client_address import TrustedProxies, client_address_of
 from adapters.http.errors import error_response
 from adapters.http.exchange import Exchange, Observer, request_id_for
 from adapters.ollama import OllamaBackend
@@ -32,6 +33,7 @@ class Services:
     max_request_bytes: int
     # Routes that need no Redis command of their own call this, so they fail closed as well.
     confirm_redis: Callable[[], Awaitable[None]]
+    trusted_proxies: TrustedProxies = TrustedProxies()
 
 
 SERVICES = web.AppKey("services", Services)
@@ -42,7 +44,8 @@ _UNAUDITED = frozenset({"/healthz", "/readyz"})
 @web.middleware
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every response gets X-Request-Id and the §3.3 error shape; every caller request is observed."""
-    ex = Exchange(request_id=request_id_for(request), route=request.path, client_ip=request.remote or "")
+    ex = Exchange(request_id=request_id_for(request), route=request.path,
+                  client_ip=client_address_of(request, request.app[SERVICES].trusted_proxies))
     ex.audited = request.match_info.route.resource is not None and request.path not in _UNAUDITED
     request[EXCHANGE] = ex
     try:
