@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from attrs import define
+from attrs import define, field
 
 from adapters.circuit import CircuitGate
 from adapters.http.client_address import TrustedProxies, client_address_of
@@ -33,7 +33,7 @@ class Services:
     max_request_bytes: int
     # Routes that need no Redis command of their own call this, so they fail closed as well.
     confirm_redis: Callable[[], Awaitable[None]]
-    trusted_proxies: TrustedProxies = TrustedProxies()
+    trusted_proxies: TrustedProxies = field(factory=TrustedProxies)
 
 
 SERVICES = web.AppKey("services", Services)
