@@ -11,7 +11,7 @@ from functools import partial
 
 from aiohttp import web
 from psycopg_pool import PoolTimeout
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from adapters.argon2_hasher import Argon2Hasher
 from adapters.circuit import CircuitGate
@@ -29,6 +29,7 @@ from adapters.postgres.tenants import PostgresTenantStore
 from adapters.prometheus import GatewayMetrics
 from adapters.redis.admission import RedisAdmission
 from adapters.redis.auth_failures import RedisAuthFailures
+from adapters.redis.cluster import ping_all
 from adapters.redis.discovery import RedisDiscoveryCache
 from adapters.redis.health import RedisHealth, TrustedWhenAll
 from adapters.system_clock import SystemClock
@@ -52,6 +53,12 @@ def make_hasher(settings: Settings) -> Argon2Hasher:
 
 def make_redis(settings: Settings) -> Redis:
     # Short timeouts: a dead Redis must turn into a quick 503, not a hung request (SPEC §8.5).
+    if settings.redis_cluster:
+        # REDIS_URL is a seed node; the client learns the slot map from it and follows MOVED/ASK.
+        # Not a Redis subclass, but it offers every command the adapters use (SPEC §4.11).
+        cluster: Redis = RedisCluster.from_url(  # type: ignore[assignment]
+            settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=5)
+        return cluster
     return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
                           retry_on_timeout=False, health_check_interval=5)
 
@@ -122,7 +129,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
             async with pool.connection(timeout=_READY_TIMEOUT_S) as conn:
                 await conn.execute("SELECT 1")
 
-        checks = {"postgres": pg(), "redis": redis.ping(), "ollama": backend.version(_READY_TIMEOUT_S)}
+        checks = {"postgres": pg(), "redis": ping_all(redis), "ollama": backend.version(_READY_TIMEOUT_S)}
         results = await asyncio.gather(*(asyncio.wait_for(c, _READY_TIMEOUT_S * 1.5)
                                          for c in checks.values()), return_exceptions=True)
         states = {name: "down" if isinstance(result, BaseException) else "ok"

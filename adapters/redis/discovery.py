@@ -11,8 +11,10 @@ from redis.asyncio import Redis
 from adapters.redis.errors import redis_guard
 
 DISCOVERED_KEY = "gateway:models:discovered"
-ENTRIES_KEY = "gateway:models:discovered:entries"
-POLL_LOCK_KEY = "gateway:models:poll-lock"
+# The braces make DISCOVERED_KEY the hash tag: the keys below land in its Redis Cluster slot, so the
+# MULTI that writes names and entries together stays legal on a cluster (SPEC §4.11).
+ENTRIES_KEY = "{gateway:models:discovered}:entries"
+POLL_LOCK_KEY = "{gateway:models:discovered}:poll-lock"
 
 
 class RedisDiscoveryCache:
