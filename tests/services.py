@@ -218,7 +218,8 @@ class PrivateRedisCluster:
         return rows
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
-        """Every slot served, every live node agrees, every master has a connected replica."""
+        """Every slot served, every live node agrees, every master has a replica that has synced
+        (a replica that never synced cannot take over)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -227,7 +228,10 @@ class PrivateRedisCluster:
                 masters = [n for n in self.nodes() if n["role"] == "master" and "fail" not in n["flags"]]
                 replicas = {n["master"] for n in self.nodes() if n["role"] == "slave"
                             and "fail" not in n["flags"]}
-                if ok and len(masters) == self.masters and all(m["id"] in replicas for m in masters):
+                synced = all("master_link_status:up" in self.cli(int(n["port"]), "INFO", "replication")
+                             for n in self.nodes() if n["role"] == "slave" and "fail" not in n["flags"])
+                covered = len(masters) == self.masters and all(m["id"] in replicas for m in masters)
+                if ok and synced and covered:
                     return
             except (subprocess.CalledProcessError, StopIteration):
                 pass

@@ -19,6 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from adapters.redis.cluster import KeyedScript
 from adapters.redis.errors import redis_guard
 from gateway_core.admission import LEASE_TTL_S, Admission, Denial, Settlement, Ticket, WindowState
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
@@ -135,8 +136,8 @@ class RedisAdmission:
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        # EVALSHA; redis-py loads the script and retries once if the server answers NOSCRIPT.
-        self._script = redis.register_script(_lua_source())
+        # EVALSHA; EVAL once on a node that answers NOSCRIPT (also after a cluster failover).
+        self._script = KeyedScript(redis, _lua_source())
 
     async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None) -> Admission:
         """One atomic round trip; a denial or a `missing_periods` answer consumes nothing."""
