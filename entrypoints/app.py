@@ -57,7 +57,7 @@ def make_redis(settings: Settings) -> Redis:
         # REDIS_URL is a seed node; the client learns the slot map from it and follows MOVED/ASK.
         # Not a Redis subclass, but it offers every command the adapters use (SPEC §4.11).
         cluster: Redis = RedisCluster.from_url(  # type: ignore[assignment]
-            settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=5)
+            settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
         return cluster
     return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
                           retry_on_timeout=False, health_check_interval=5)

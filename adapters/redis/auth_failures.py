@@ -10,28 +10,28 @@ from redis.asyncio import Redis
 from adapters.redis.errors import redis_guard
 
 _WINDOW_S = 60
+# Two fixed buckets weighted by overlap approximate a sliding minute with two counters per IP, read
+# together (this bucket's and the previous one's) in one MGET. Both carry the IP's hash as a hash
+# tag, so they share one Redis Cluster slot (SPEC §4.11).
 
 
-def _ip_tag(client_ip: str) -> str:
-    # IPs are personal data in some jurisdictions; the counter only needs a stable name. The digest
-    # is the hash tag, so both buckets of one address live in one Redis Cluster slot (SPEC §4.11).
+def _ip_key(client_ip: str) -> str:
+    # IPs are personal data in some jurisdictions; the counter only needs a stable name.
     return "gw:authfail:{" + hashlib.sha256(client_ip.encode()).hexdigest()[:24] + "}:"
 
 
 class RedisAuthFailures:
-    """Two fixed buckets weighted by overlap approximate a sliding minute with two counters per IP;
-    both are read in one MGET."""
-
     def __init__(self, redis: Redis, per_minute: int) -> None:
         self._redis = redis
         self._limit = per_minute
 
     async def blocked_for(self, client_ip: str, now: float) -> float | None:
         """Seconds until the estimate drops below the limit again, or None when not blocked."""
-        tag, bucket = _ip_tag(client_ip), math.floor(now / _WINDOW_S)
+        bucket = math.floor(now / _WINDOW_S)
+        name = _ip_key(client_ip)
         async with redis_guard():
-            raw = await self._redis.mget(tag + str(bucket), tag + str(bucket - 1))
-        cur, prev = (float(v or 0) for v in raw)
+            cur, prev = (float(v or 0) for v in await self._redis.mget(name + str(bucket),
+                                                                       name + str(bucket - 1)))
         limit = self._limit
         elapsed = now - math.floor(now / _WINDOW_S) * _WINDOW_S
         if cur + prev * (1 - elapsed / _WINDOW_S) < limit:
@@ -47,7 +47,7 @@ class RedisAuthFailures:
         return max(1.0, unblocked_at - elapsed + 0.001)
 
     async def record(self, client_ip: str, now: float) -> None:
-        name = _ip_tag(client_ip) + str(math.floor(now / _WINDOW_S))
+        name = _ip_key(client_ip) + str(math.floor(now / _WINDOW_S))
         async with redis_guard():
             pipe = self._redis.pipeline(transaction=False)
             pipe.incr(name)

@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 from adapters.redis.errors import redis_guard
 
 DISCOVERED_KEY = "gateway:models:discovered"
-# The braces make DISCOVERED_KEY the hash tag: the keys below land in its Redis Cluster slot, so the
-# MULTI that writes names and entries together stays legal on a cluster (SPEC §4.11).
+# The SPEC names the first key; the others take its whole name as their hash tag, so all three live in
+# its Redis Cluster slot and the MULTI that writes names and entries together stays in one slot.
 ENTRIES_KEY = "{gateway:models:discovered}:entries"
 POLL_LOCK_KEY = "{gateway:models:discovered}:poll-lock"
 

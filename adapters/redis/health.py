@@ -9,7 +9,6 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.redis.cluster import ping_all
 from adapters.tasks import cancel_and_wait
 from gateway_core.errors import DependencyUnavailable
 
@@ -26,7 +25,7 @@ class RedisHealth:
 
     async def check(self) -> bool:
         try:
-            await asyncio.wait_for(ping_all(self._redis), self._every_s)
+            await asyncio.wait_for(self._redis.ping(), self._every_s)
             self._ok = True
         except (RedisError, OSError, TimeoutError):
             self._ok = False

@@ -13,7 +13,7 @@ from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
 from adapters.redis import discovery as discovery_keys
-from adapters.redis.auth_failures import RedisAuthFailures, _ip_tag
+from adapters.redis.auth_failures import RedisAuthFailures, _ip_key
 from adapters.redis.discovery import RedisDiscoveryCache
 from entrypoints.app import make_redis
 from entrypoints.settings import load_settings
@@ -94,7 +94,7 @@ async def test_auth_failures_of_one_address_live_in_one_slot(redis_url: str) -> 
         assert await failures.blocked_for("198.51.100.251", now + 2) is None
     finally:
         await client.aclose()
-    tag = _ip_tag(address)
+    tag = _ip_key(address)
     assert key_slot(f"{tag}1".encode()) == key_slot(f"{tag}2".encode())
 
 
