@@ -11,7 +11,7 @@ from functools import partial
 
 from aiohttp import web
 from psycopg_pool import PoolTimeout
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,6 +33,7 @@ from adapters.prometheus import GatewayMetrics
 from adapters.redis.admission import RedisAdmission
 from adapters.redis.admission_view import RedisAdmissionView
 from adapters.redis.auth_failures import RedisAuthFailures
+from adapters.redis.cluster import ping_all
 from adapters.redis.discovery import RedisDiscoveryCache
 from adapters.redis.health import RedisHealth
 from adapters.system_clock import SystemClock
@@ -64,6 +65,12 @@ def make_redis(settings: Settings) -> Redis:
     are not retried (the command may have run; a retry could double a charge; redis-py's default
     would retry them ten times with backoff, far past any caller's patience).
     """
+    if settings.redis_cluster:
+        # REDIS_URL is a seed node; the client learns the slot map from it and follows MOVED/ASK.
+        # Not a Redis subclass, but it offers every command the adapters use (SPEC §4.11).
+        cluster: Redis = RedisCluster.from_url(  # type: ignore[assignment]
+            settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        return cluster
     return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
                           retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
@@ -136,7 +143,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
             async with pool.connection(timeout=_READY_TIMEOUT_S) as conn:
                 await conn.execute("SELECT 1")
 
-        checks = {"postgres": pg(), "redis": redis.ping(), "ollama": backend.version(_READY_TIMEOUT_S)}
+        checks = {"postgres": pg(), "redis": ping_all(redis), "ollama": backend.version(_READY_TIMEOUT_S)}
         results = await asyncio.gather(*(asyncio.wait_for(c, _READY_TIMEOUT_S * 1.5)
                                          for c in checks.values()), return_exceptions=True)
         states = {name: "down" if isinstance(result, BaseException) else "ok"
@@ -148,7 +155,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         auth=auth, policy=ModelPolicy(discovery, clock), metering=metering, backend=backend,
         observer=RequestObserver(audit, prompts, metrics, settings.prompt_log_default_retention_days),
         readiness=readiness, breaker=breaker, max_request_bytes=settings.max_request_bytes,
-        confirm_redis=redis_health.confirm)
+        confirm_redis=redis_health.confirm, trusted_proxies=settings.trusted_proxies)
 
     def refresh_gauges() -> None:
         metrics.circuit_open.set({}, float(breaker.state()))
