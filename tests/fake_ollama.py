@@ -462,8 +462,8 @@ def _check_format(value: Any) -> None:
     which the handler reports as a 500 (before any byte, so also for a stream)."""
     if value is None or value in ("", "json") or isinstance(value, dict):
         return
-    shown = json.dumps(value, separators=(",", ":"))
-    raise _ApiError(500, f'invalid format: {json.dumps(shown)}; expected "json" or a valid JSON Schema object')
+    shown = json.dumps(json.dumps(value, separators=(",", ":")))  # Go's %q of the raw JSON
+    raise _ApiError(500, f'invalid format: {shown}; expected "json" or a valid JSON Schema object')
 
 
 # Set per request from FakeOllama.spaced_json: write `"key": value` with spaces, as Ollama-compatible
