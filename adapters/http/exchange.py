@@ -42,6 +42,9 @@ class Exchange:
     # The model as the caller named it (first 200 characters), for the audit row of a request
     # refused before a model resolved; never a metric label.
     requested_model: str | None = None
+    # The stream response once one was started: after that, an error can only end it, never
+    # replace it with a second response on the same connection.
+    stream: web.StreamResponse | None = None
 
     @staticmethod
     def client_ip_of(request: web.Request) -> str:

@@ -17,6 +17,7 @@ import ollama
 import pytest
 import structlog
 
+from adapters.http import relay
 from adapters.http.typedefs import SERVICES
 from gateway_core.breaker import CircuitState
 from gateway_core.errors import DependencyUnavailable
@@ -484,3 +485,44 @@ async def test_upstream_4xx_never_counts_against_the_breaker_and_5xx_does(
                 status, _, _ = await _post(http, url, secret, {"model": MODEL, "messages": MESSAGES})
                 assert status == 502
             assert breaker.state() is CircuitState.OPEN
+
+
+@pytest.mark.parametrize("route", ["/api/chat", "/v1/chat/completions"])
+async def test_a_fault_after_the_stream_started_is_framed_settled_audited_and_logged(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    """Headers are on the wire: no second response on the connection, but the route's error frame;
+    the stream is settled (the slot is free), audited as a 500 and logged once with the traceback."""
+    secret, _, _ = await gateway.key(models=(MODEL,), key_limits=Limits(concurrent=1),
+                                     budget={"daily": 50_000})
+    native = route.startswith("/api/")
+    handler = "_native_line" if native else "_usage_from_sse"
+    real = getattr(relay, handler)
+    seen = {"n": 0}
+
+    def fails_on_the_third(*args: Any, **kwargs: Any) -> Any:
+        seen["n"] += 1
+        if seen["n"] == 3:
+            raise RuntimeError("injected fault mid-stream")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(relay, handler, fails_on_the_third)
+    rid = f"hostile-{uuid.uuid4().hex}"
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        with structlog.testing.capture_logs() as logs:
+            async with http.post(gateway.url + route, json=body,
+                                 headers={**bearer(secret), "X-Request-Id": rid}) as resp:
+                assert resp.status == 200 and resp.headers["X-Request-Id"] == rid
+                text = (await resp.read()).decode()
+            row = await audit_row(gateway, rid)  # written once the handler is done, after the log event
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        error = json.loads(last if native else last.removeprefix("data: "))
+        assert (error["code"] if native else error["error"]["code"]) == "internal_error", text
+        assert "injected" not in text
+        assert row["status"] == 500 and row["tokens_in"] > 0
+        logged = [e for e in logs if e.get("request_id") == rid and e["event"] == "internal_error"]
+        assert len(logged) == 1 and "injected fault" in str(logged[0].get("exc_info"))
+        monkeypatch.undo()
+        # Settled, not leaked: with concurrent=1 the next request is served.
+        status, _, _ = await _post(http, gateway.url + "/api/chat", secret, _base("/api/chat"))
+        assert status == 200
