@@ -218,7 +218,9 @@ def _ndjson_error_line(exc: GatewayError) -> bytes:
     return json.dumps({"error": exc.message, "code": exc.code}, separators=(",", ":")).encode() + b"\n"
 
 
-def _collect_native_text(chunk: dict[str, object], sink: list[str]) -> None:
+def _collect_native_text(chunk: object, sink: list[str]) -> None:
+    if not isinstance(chunk, dict):
+        return  # not a chunk of Ollama's: relayed as it came, it holds no text of ours to log
     message = chunk.get("message")
     piece = message.get("content") if isinstance(message, dict) else chunk.get("response")
     if isinstance(piece, str):
