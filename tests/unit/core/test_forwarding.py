@@ -10,13 +10,14 @@ import pytest
 
 from gateway_core.admission import Settlement, Ticket
 from gateway_core.budget import Budget, Period
-from gateway_core.errors import DependencyUnavailable, ModelNotAllowed, UpstreamUnavailable
+from gateway_core.errors import DependencyUnavailable, InvalidRequest, ModelNotAllowed, UpstreamUnavailable
 from gateway_core.forwarding import Forwarding, Relayed
 from gateway_core.limits import Limits
 from gateway_core.metering import Grant, Metering
 from gateway_core.models import Principal, Scope
 from gateway_core.ports import UpstreamAnswer
 from gateway_core.request import ROUTES, CallerRequest, parse_request
+from gateway_core.tokens import estimate_chunks
 from tests.fakes import (
     FrozenClock,
     InMemoryAdmission,
@@ -237,5 +238,70 @@ async def test_a_redis_failure_at_settlement_still_delivers_and_is_put_right_lat
     rig.store.down = False
     await rig.metering.renew_leases()  # the periodic job retries
     assert len(rig.metering.unsettled) == 0
+    rig.assert_ended_once(delivery)
+    assert await rig.slot_is_free()
+
+
+class BrokenRelay(Recorder):
+    """Relays chunks, then breaks: the upstream (failed) or a fault of the gateway's own."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    async def relay(self, answer: UpstreamAnswer, relayed: Relayed) -> None:
+        async for _ in answer.chunks():
+            relayed.chunks += 1
+        if self.how == "upstream":
+            relayed.failed = True
+            return
+        raise RuntimeError("a bug after the first byte")
+
+
+class StickyGate(RecordingGate):
+    """Records a failure only after a while: the caller can be cancelled meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+
+    async def record(self, ok: bool) -> None:
+        if not ok:
+            self.entered.set()
+            await asyncio.sleep(3600)
+        await super().record(ok)
+
+
+async def test_a_broken_stream_is_charged_its_chunks_even_if_the_caller_is_cancelled_meanwhile() -> None:
+    rig = Rig(ScriptedUpstream(ScriptedAnswer(chunks=[b"a", b"b", b"c"])))
+    rig.gate = StickyGate()
+    rig.forwarding = Forwarding(rig.metering, rig.gate, rig.upstream)
+    delivery = BrokenRelay("upstream")
+    task = asyncio.create_task(rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery))
+    await asyncio.wait_for(rig.gate.entered.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert delivery.grant is not None
+    assert delivery.charges == [(delivery.grant.ticket.prompt_tokens, estimate_chunks(3))]
+    rig.assert_ended_once(delivery)
+
+
+async def test_a_fault_after_the_first_byte_is_settled_once_and_is_not_an_upstream_failure() -> None:
+    rig = Rig(ScriptedUpstream(ScriptedAnswer(chunks=[b"a", b"b"])))
+    delivery = BrokenRelay("gateway")
+    with pytest.raises(RuntimeError):
+        await rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery)
+    assert delivery.grant is not None
+    assert charged(rig) == [(5, rig.clock.now(), delivery.grant.ticket.prompt_tokens, estimate_chunks(2))]
+    assert rig.gate.outcomes == [True]  # the upstream answered; the fault was ours
+    rig.assert_ended_once(delivery)
+
+
+async def test_an_upstream_400_is_the_callers_error_and_not_a_breaker_failure() -> None:
+    rig, delivery = Rig(ScriptedUpstream(ScriptedAnswer(status=400))), Recorder()
+    with pytest.raises(InvalidRequest):
+        await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+    assert rig.gate.outcomes == [True] and rig.ledger.entries == []
     rig.assert_ended_once(delivery)
     assert await rig.slot_is_free()
