@@ -67,6 +67,11 @@ class Fault:
     ended: float = 0.0
 
 
+def during(outcome: Outcome, fault: Fault) -> bool:
+    """Sent while *fault* lasted, or as it began, or within RECOVERY_S after it ended."""
+    return fault.began - 1.0 <= outcome.sent <= fault.ended + RECOVERY_S
+
+
 def told_usage(path: str, streamed: bool, raw: bytes) -> tuple[int, int]:
     """The usage a 200 response told its caller, as each client reads it."""
     if streamed:
@@ -112,6 +117,12 @@ def request_events(log: Path) -> dict[str, list[dict[str, Any]]]:
         if event.get("event") == "request" and event.get("request_id"):
             by_id.setdefault(str(event["request_id"]), []).append(event)
     return by_id
+
+
+def named_dependencies(events: dict[str, list[dict[str, Any]]], outcome: Outcome) -> set[str]:
+    """The dependencies the 503 log events of *outcome* name ("redis" of "redis:ConnectionError")."""
+    return {str(e["dependency"]).split(":")[0] for e in events.get(outcome.request_id, [])
+            if e.get("status") == 503 and e.get("dependency")}
 
 
 async def audit_by_id(database_url: str, request_ids: list[str], timeout_s: float
@@ -181,12 +192,6 @@ async def test_eight_callers_through_a_redis_stop_a_postgres_stop_and_an_ollama_
             await asyncio.to_thread(up)
             fault.ended = time.monotonic()
 
-    def fail_ollama() -> None:
-        fake.fail_mode = "500"
-
-    def heal_ollama() -> None:
-        fake.fail_mode = None
-
     try:
         await gateway.start()
         callers = [asyncio.create_task(caller(n)) for n in range(CALLERS)]
@@ -198,9 +203,9 @@ async def test_eight_callers_through_a_redis_stop_a_postgres_stop_and_an_ollama_
             await asyncio.sleep(7.0)
             # The fake runs on this loop: flip it here, not from a thread.
             faults[2].began = time.monotonic()
-            fail_ollama()
+            fake.fail_mode = "500"
             await asyncio.sleep(3.0)
-            heal_ollama()
+            fake.fail_mode = None
             faults[2].ended = time.monotonic()
             await asyncio.sleep(7.0)
         finally:
@@ -249,14 +254,25 @@ async def test_eight_callers_through_a_redis_stop_a_postgres_stop_and_an_ollama_
         # Every 503 has a log event that names the dependency which refused.
         events = request_events(log)
         refused = [o for o in outcomes if o.status == 503]
-        unnamed = [(o.request_id, [e.get("dependency") for e in events.get(o.request_id, [])])
-                   for o in refused
-                   if not any(e.get("status") == 503 and str(e.get("dependency") or "").startswith(DEPENDENCIES)
-                              for e in events.get(o.request_id, []))]
-        named = Counter(str(e["dependency"]).split(":")[0] for o in refused for e in events.get(o.request_id, [])
-                        if e.get("dependency"))
-        print(f"503s by dependency named in the log: {dict(named)}")
-        assert not unnamed, f"{len(unnamed)} of {len(refused)} 503s without a named dependency, e.g. {unnamed[:3]}"
+        unnamed = [(o.request_id, sorted(named_dependencies(events, o))) for o in refused
+                   if not named_dependencies(events, o) & set(DEPENDENCIES)]
+        print("503s by dependency named in the log: "
+              + str(dict(Counter(d for o in refused for d in named_dependencies(events, o)))))
+        assert not unnamed, f"{len(unnamed)} of {len(refused)} 503s name no dependency, e.g. {unnamed[:3]}"
+
+        # No refusal out of the blue: each 503 names the dependency that was down when it was sent
+        # (or within RECOVERY_S after), each 502 falls in the Ollama failure (the circuit's reset after).
+        redis, postgres, ollama = faults
+        stray: list[tuple[int, float, list[str]]] = []
+        for o in outcomes:
+            names = named_dependencies(events, o)
+            if o.status == 503 and not ((during(o, redis) and "redis" in names) or
+                                        (during(o, postgres) and names & {"postgres", "change_feed"})):
+                stray.append((o.status, round(o.sent - redis.began, 2), sorted(names)))
+            if o.status == 502 and not during(o, ollama):
+                stray.append((o.status, round(o.sent - redis.began, 2), sorted(names)))
+        assert not stray, f"{len(stray)} refusals outside their fault (status, s after the first fault " \
+                          f"began, dependency), e.g. {stray[:5]}"
 
         gateway.sigterm()
         assert await gateway.wait(40) == 0, gateway.tail()
