@@ -129,22 +129,19 @@ async def audit_by_id(database_url: str, request_ids: list[str], timeout_s: floa
                       ) -> dict[str, list[dict[str, Any]]]:
     """Audit rows by request id, once every id has one (or the timeout passed); one more look after
     that, so a late duplicate is caught too."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    async def look() -> dict[str, list[dict[str, Any]]]:
         by_id: dict[str, list[dict[str, Any]]] = {}
         for start in range(0, len(request_ids), 5000):
             for row in await audit_rows(database_url, request_ids[start:start + 5000]):
                 by_id.setdefault(row["request_id"], []).append(row)
-        if len(by_id) == len(request_ids):
-            await asyncio.sleep(1.0)
-            by_id = {}
-            for start in range(0, len(request_ids), 5000):
-                for row in await audit_rows(database_url, request_ids[start:start + 5000]):
-                    by_id.setdefault(row["request_id"], []).append(row)
-            return by_id
-        if time.monotonic() > deadline:
-            return by_id
+        return by_id
+
+    deadline = time.monotonic() + timeout_s
+    while len(await look()) < len(request_ids) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)
+    return await look()
 
 
 @pytest.fixture(scope="module")
