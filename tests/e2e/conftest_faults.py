@@ -162,7 +162,9 @@ class GatewayProcess:
                     "OLLAMA_BASE_URL": ollama_url, "GATEWAY_HOST": "127.0.0.1",
                     "GATEWAY_PORT": str(self.port), "METRICS_PORT": str(free_port()),
                     "AUDIT_SPOOL_DIR": str(spool_dir),
-                    "MODEL_DISCOVERY_REFRESH_S": "1", "LOG_FORMAT": "json", "LOG_LEVEL": "warning"}
+                    "MODEL_DISCOVERY_REFRESH_S": "1", "LOG_FORMAT": "json",
+                    # info: every request's event, so a test can see which dependency a 503 names
+                    "LOG_LEVEL": "info"}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -21,7 +21,7 @@ from tests.e2e.conftest_faults import (
     wait_for_ledger,
 )
 from tests.e2e.harness import gateway_settings
-from tests.e2e.test_fail_closed import Reply, Stream, send, usage_of
+from tests.e2e.test_fail_closed import Reply, Stream, refusals_without_a_dependency, send, usage_of
 from tests.fake_ollama import FakeOllama
 
 
@@ -61,6 +61,7 @@ class TestCrashDuringPostgresOutage:
             first.kill()  # SIGKILL: no shutdown, no flush, no final spool
             assert [r.status for _, r in answered[:3]] == [200, 200, 200]
             assert {(r.status, r.code) for _, r in answered[3:]} == {(503, "dependency_unavailable")}
+            assert not refusals_without_a_dependency(first.log, [r for _, r in answered[3:]])
 
             await asyncio.to_thread(stack.start_pg)
             await second.start()  # replays the spool the killed gateway left

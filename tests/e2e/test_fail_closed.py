@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from adapters.postgres.listener import APPLICATION_NAME
 from adapters.redis.health import MISSES_TO_DOWN, PING_EVERY_S
@@ -36,6 +37,7 @@ from tests.e2e.harness import Gateway, gateway_settings, running_gateway
 from tests.fake_ollama import FakeOllama
 
 CHAT = "/v1/chat/completions"
+DEPENDENCIES = ("redis", "postgres", "change_feed")
 RECOVERY_S = 5.0
 HEARTBEAT_DOWN_S = PING_EVERY_S * (MISSES_TO_DOWN + 1) + 0.5
 # Longer than psycopg_pool's first four reconnect back-offs together (1+2+4+8 s ± jitter): a pool left
@@ -169,6 +171,32 @@ class Stream:
         last = json.loads(lines[-1])
         assert last.get("done") is True, last
         return int(last["prompt_eval_count"]), int(last["eval_count"])
+
+
+@pytest.fixture(autouse=True)
+def refusals_name_their_dependency() -> Iterator[list[dict[str, Any]]]:
+    """Every 503 the in-process gateway gives in these tests has a log event naming the dependency
+    that refused (SPEC §8.5: "redis:ConnectionError", "change_feed:…"). The subprocess gateways'
+    logs are checked by the tests that start them (`refusals_without_a_dependency`)."""
+    with capture_logs() as events:
+        yield events
+    refused = [e for e in events if e.get("event") == "request" and e.get("status") == 503]
+    unnamed = [e for e in refused if not str(e.get("dependency") or "").startswith(DEPENDENCIES)]
+    assert not unnamed, f"{len(unnamed)} of {len(refused)} 503s name no dependency: {unnamed[:3]}"
+
+
+def refusals_without_a_dependency(log: Path, replies: list[Reply]) -> list[tuple[str, list[Any]]]:
+    """The 503 *replies* whose request has no log event (JSON lines in *log*) naming a dependency."""
+    named: dict[str, list[Any]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "request" and event.get("status") == 503:
+            named.setdefault(str(event.get("request_id")), []).append(event.get("dependency"))
+    return [(r.request_id, named.get(r.request_id, [])) for r in replies if r.status == 503
+            and not any(str(d or "").startswith(DEPENDENCIES) for d in named.get(r.request_id, []))]
 
 
 @pytest.fixture(scope="module")
@@ -519,6 +547,7 @@ class TestShutdown:
             # Well inside `docker stop`'s 10 s: its SIGKILL would lose whatever was not spooled yet.
             assert exit_s < 8.0
 
+            assert not refusals_without_a_dependency(first.log, outage)
             spooled_ids = {json.loads(line)[1] for line in (spool / "audit.spool").read_text().splitlines()}
             assert {stream.request_id, *(r.request_id for r in outage)} <= spooled_ids
             assert (spool / "ledger.spool").exists()
