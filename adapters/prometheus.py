@@ -9,6 +9,8 @@ from __future__ import annotations
 from aiohttp import web
 from aioprometheus import Counter, Gauge, Histogram, Registry, render
 
+from gateway_core.routing import Outcome
+
 UNKNOWN = "-"
 # The tables the batched writers fill; their series exist from the start, so alerts see a 0.
 WRITER_TABLES = ("audit_log", "budget_usage", "prompt_log")
@@ -25,8 +27,11 @@ class GatewayMetrics:
             "gateway_request_duration_seconds", "Time from request to the end of the response.",
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        # Upstream series carry a `backend` label: the index in OLLAMA_BASE_URL, never a URL.
         self.circuit_open = Gauge("gateway_circuit_state",
-                                  "Upstream circuit: 0 closed, 1 half-open, 2 open.", registry=self.registry)
+                                  "Backend circuit: 0 closed, 1 half-open, 2 open.", registry=self.registry)
+        self.upstream_requests = Counter("gateway_upstream_requests_total",
+                                         "Upstream calls by backend and outcome.", registry=self.registry)
         self.discovery_age = Gauge("gateway_discovery_age_seconds",
                                    "Seconds since model discovery last succeeded (-1: never).",
                                    registry=self.registry)
@@ -49,6 +54,9 @@ class GatewayMetrics:
         self.writer_queue.set(labels, float(queued))
         self.spool_bytes.set(labels, float(spool_bytes))
         self.rows_rejected.set(labels, float(rejected))
+
+    def observe_upstream(self, backend: int, outcome: Outcome) -> None:
+        self.upstream_requests.inc({"backend": str(backend), "outcome": outcome.value})
 
     def observe(self, tenant: str | None, model: str | None, status: int, tokens_in: int, tokens_out: int,
                 seconds: float) -> None:

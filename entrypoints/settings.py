@@ -68,6 +68,11 @@ class Settings:
     log_level: str
     audit_spool_dir: str
 
+    @property
+    def ollama_base_urls(self) -> tuple[str, ...]:
+        """The backends in order; a backend's index here is its name in metrics and /readyz."""
+        return tuple(u.strip() for u in self.ollama_base_url.split(",") if u.strip())
+
 
 def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
     def check(name: str, raw: Any) -> int:
@@ -104,6 +109,22 @@ def _url(*schemes: str) -> Callable[[str, Any], str]:
     return check
 
 
+def _url_list(*schemes: str) -> Callable[[str, Any], str]:
+    """A comma-separated list of URLs (SPEC §12: several Ollama backends), each checked alone."""
+    one = _url(*schemes)
+
+    def check(name: str, raw: Any) -> str:
+        parts = [p.strip() for p in str(raw).split(",")]
+        if not all(parts):
+            raise SettingsError(f"invalid setting {name}: expected {'/'.join(schemes)} URLs, comma-separated")
+        urls = [one(name, p) for p in parts]
+        if len(set(urls)) != len(urls):
+            raise SettingsError(f"invalid setting {name}: the same URL is listed twice")
+        return ",".join(urls)
+
+    return check
+
+
 def _choice(*allowed: str) -> Callable[[str, Any], str]:
     def check(name: str, raw: Any) -> str:
         value = str(raw).strip().lower()
@@ -125,7 +146,7 @@ _PORT = _int(1, 65535)
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "DATABASE_URL": _url("postgresql", "postgres"),
     "REDIS_URL": _url("redis", "rediss", "unix"),
-    "OLLAMA_BASE_URL": _url("http", "https"),
+    "OLLAMA_BASE_URL": _url_list("http", "https"),
     "GATEWAY_HOST": _text,
     "GATEWAY_PORT": _PORT,
     "METRICS_PORT": _PORT,
