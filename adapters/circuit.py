@@ -53,6 +53,14 @@ class BackendRouter:
         now = self._clock.now()
         return [b.state(now) for b in self._breakers]
 
+    def open_model_circuits(self) -> list[int]:
+        """Per backend index, how many of its models' circuits are not closed."""
+        now = self._clock.now()
+        counts = [0] * len(self.backends)
+        for (index, _), breaker in self._model_breakers.items():
+            counts[index] += breaker.state(now) is not CircuitState.CLOSED
+        return counts
+
     def state(self) -> CircuitState:
         """The best backend circuit: closed while any backend is closed."""
         return min(self.states())

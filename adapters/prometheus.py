@@ -30,6 +30,9 @@ class GatewayMetrics:
         # Upstream series carry a `backend` label: the index in OLLAMA_BASE_URL, never a URL.
         self.circuit_open = Gauge("gateway_circuit_state",
                                   "Backend circuit: 0 closed, 1 half-open, 2 open.", registry=self.registry)
+        self.model_circuits_open = Gauge("gateway_model_circuits_open",
+                                         "Models whose own circuit (5xx answers) is open or half-open.",
+                                         registry=self.registry)
         self.upstream_requests = Counter("gateway_upstream_requests_total",
                                          "Upstream calls by backend and outcome.", registry=self.registry)
         self.discovery_age = Gauge("gateway_discovery_age_seconds",

@@ -147,8 +147,10 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         confirm_redis=redis_health.confirm)
 
     def refresh_gauges() -> None:
-        for index, state in enumerate(router.states()):
+        for index, (state, models_open) in enumerate(zip(router.states(), router.open_model_circuits(),
+                                                         strict=True)):
             metrics.circuit_open.set({"backend": str(index)}, float(state))
+            metrics.model_circuits_open.set({"backend": str(index)}, float(models_open))
         metrics.discovery_age.set({}, seconds_since(discovery.last_success))
         catalog = discovery.current(clock.now())
         metrics.discovered_models.set({}, float(len(catalog.names) if catalog else 0))

@@ -10,7 +10,12 @@ import pytest
 
 from gateway_core.admission import Settlement, Ticket
 from gateway_core.budget import Budget, Period
-from gateway_core.errors import DependencyUnavailable, ModelNotAllowed, UpstreamUnavailable, UpstreamUnreachable
+from gateway_core.errors import (
+    DependencyUnavailable,
+    ModelNotAllowed,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
 from gateway_core.forwarding import Forwarding, Relayed
 from gateway_core.limits import Limits
 from gateway_core.metering import Grant, Metering
