@@ -48,6 +48,11 @@ class BackendRouter:
         self._holders = holders
         self._on_outcome = on_outcome
 
+    @property
+    def in_flight(self) -> tuple[int, ...]:
+        """Requests in flight from this replica, by backend index."""
+        return tuple(self._in_flight)
+
     def states(self) -> list[CircuitState]:
         """Each backend's own circuit (model circuits not included), by index."""
         now = self._clock.now()
