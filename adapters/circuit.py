@@ -15,7 +15,7 @@ from adapters.ollama import OllamaAnswer, OllamaBackend
 from gateway_core.breaker import Breaker, CircuitState
 from gateway_core.errors import UpstreamUnavailable
 from gateway_core.ports import Clock
-from gateway_core.routing import Lane, Outcome, choose, soonest_half_open
+from gateway_core.routing import Lane, Outcome, choose, least_busy, soonest_half_open
 
 # Which backends have a model (indexes), or None when that is not known (then: all of them).
 Holders = Callable[[str], Collection[int] | None]
@@ -77,8 +77,16 @@ class BackendRouter:
     def lane(self, model: str, avoid: frozenset[int] = frozenset()) -> OllamaLane:
         """The Upstream port (gateway_core.ports.Upstream)."""
         holders = self._holders(model)
-        indexes = range(len(self.backends)) if holders is None else sorted(holders)
-        lanes = [self._lane(i, model) for i in indexes if i not in avoid and i < len(self.backends)]
+        indexes = [i for i in (range(len(self.backends)) if holders is None else sorted(holders))
+                   if i not in avoid and i < len(self.backends)]
+        if indexes and self._all_closed(indexes, model):
+            # The common case, kept cheap: every circuit is closed and has seen no failure, so the
+            # rules reduce to "least busy, ties in turn" and no breaker changes (same result as below).
+            index = indexes[least_busy([self._in_flight[i] for i in indexes], self._turn)]
+            self._turn += 1
+            self._in_flight[index] += 1
+            return OllamaLane(self, index, model)
+        lanes = [self._lane(i, model) for i in indexes]
         now = self._clock.now()
         picked = choose(lanes, now, self._turn)
         if picked is None:
@@ -87,20 +95,34 @@ class BackendRouter:
         self._store(picked, model)
         return OllamaLane(self, picked.index, model)
 
+    def _all_closed(self, indexes: list[int], model: str) -> bool:
+        breakers = self._breakers
+        closed = self._closed
+        if any(breakers[i] is not closed for i in indexes):
+            return False
+        return not self._model_breakers or all((i, model) not in self._model_breakers for i in indexes)
+
     def _store(self, lane: Lane, model: str) -> None:
         self._in_flight[lane.index] = lane.in_flight
-        self._breakers[lane.index] = lane.backend
+        self._set_backend(lane.index, lane.backend)
         key = (lane.index, model)
         if lane.model == self._closed:
             self._model_breakers.pop(key, None)
         else:
             self._model_breakers[key] = lane.model
 
+    def _set_backend(self, index: int, breaker: Breaker) -> None:
+        # The pristine breaker is kept as the one shared object, which the fast paths test by identity.
+        self._breakers[index] = self._closed if breaker == self._closed else breaker
+
     def finished(self, index: int) -> None:
         self._in_flight[index] -= 1
 
     def record(self, index: int, model: str, outcome: Outcome) -> None:
-        self._store(self._lane(index, model).after(outcome, self._clock.now()), model)
+        # A success on circuits that have seen no failure changes nothing: skip the bookkeeping.
+        if not (outcome is Outcome.OK and self._breakers[index] is self._closed
+                and (index, model) not in self._model_breakers):
+            self._store(self._lane(index, model).after(outcome, self._clock.now()), model)
         self._on_outcome(index, outcome)
 
     def seconds_to_half_open(self, index: int, model: str) -> float:
@@ -112,17 +134,18 @@ class BackendRouter:
         order = sorted(range(len(self.backends)), key=lambda i: (self._in_flight[i], i))
         failure: UpstreamUnavailable | None = None
         for index in order:
-            allowed, self._breakers[index] = self._breakers[index].admit(now)
+            allowed, breaker = self._breakers[index].admit(now)
+            self._set_backend(index, breaker)
             if not allowed:
                 continue
             try:
                 data = await self.backends[index].version(timeout_s)
             except UpstreamUnavailable as exc:
-                self._breakers[index] = self._breakers[index].on_failure(self._clock.now())
+                self._set_backend(index, self._breakers[index].on_failure(self._clock.now()))
                 self._on_outcome(index, Outcome.BACKEND_FAILED)
                 failure = exc
                 continue
-            self._breakers[index] = self._breakers[index].on_success()
+            self._set_backend(index, self._breakers[index].on_success())
             self._on_outcome(index, Outcome.OK)
             return data
         wait = min(b.seconds_to_half_open(self._clock.now()) for b in self._breakers)

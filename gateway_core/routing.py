@@ -55,14 +55,19 @@ class Lane:
         return evolve(self, backend=self.backend.on_failure(now))
 
 
+def least_busy(in_flight: Sequence[int], turn: int) -> int:
+    """The position of the smallest count; ties are taken in turn (round-robin by *turn*)."""
+    least = min(in_flight)
+    ties = [i for i, n in enumerate(in_flight) if n == least]
+    return ties[turn % len(ties)]
+
+
 def choose(lanes: Sequence[Lane], now: float, turn: int) -> Lane | None:
     """The lane to call, already `taken`; None when every candidate's circuit is open."""
     open_lanes = [lane for lane in lanes if lane.admits(now)]
     if not open_lanes:
         return None
-    least = min(lane.in_flight for lane in open_lanes)
-    ties = [lane for lane in open_lanes if lane.in_flight == least]
-    return ties[turn % len(ties)].taken(now)
+    return open_lanes[least_busy([lane.in_flight for lane in open_lanes], turn)].taken(now)
 
 
 def soonest_half_open(lanes: Sequence[Lane], now: float) -> float:

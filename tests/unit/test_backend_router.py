@@ -108,3 +108,16 @@ async def test_version_comes_from_a_backend_that_answers_and_skips_open_ones() -
     up.up = False
     with pytest.raises(UpstreamUnavailable):
         await r.version()
+
+
+async def test_a_backend_that_recovered_is_routed_like_one_that_never_failed() -> None:
+    r, clock = router(ScriptedServer(), ScriptedServer())
+    lane = r.lane("m")
+    await lane.record(Outcome.BACKEND_FAILED)
+    async with lane.post("/api/chat", b"{}"):
+        pass
+    await r.lane("m").record(Outcome.OK)
+    await r.lane("m").record(Outcome.OK)
+    await r.version()
+    assert r.states() == [CircuitState.CLOSED] * 2 and r.open_model_circuits() == [0, 0]
+    assert r.in_flight == (1, 1)  # two lanes never posted: still counted, spread as usual
