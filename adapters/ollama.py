@@ -114,12 +114,6 @@ class OllamaBackend:
             else:
                 resp.close()
 
-    @asynccontextmanager
-    async def post(self, path: str, body: bytes) -> AsyncIterator[OllamaAnswer]:
-        """The Upstream port (gateway_core.ports.Upstream)."""
-        async with self.open("POST", path, body) as resp:
-            yield OllamaAnswer(resp)
-
     async def get_json(self, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
         async with self.open("GET", path, timeout_s=timeout_s) as resp:
             if resp.status != 200:
