@@ -59,9 +59,10 @@ lint: install
 	$(BIN)/mypy gateway_core
 	$(BIN)/lint-imports
 
-# Gateway overhead vs. the fake Ollama (tests/bench/bench_gateway.py; not a test). About 2 minutes.
-# wrk is installed when missing, best effort; without it the bench uses its own python load generator.
-# Extra options: make bench BENCH_ARGS="--json bench.json" (see --help).
+# Direct vs. bare proxy vs. gateway (tests/bench/bench_gateway.py; not a test), about 3 minutes; the
+# table is appended to docs/performance.md. wrk is installed when missing, best effort; without it
+# the bench uses its own python load generator.
+# Extra options: make bench BENCH_ARGS="--workers 2 --soak --json bench.json" (see --help).
 bench: install
 	command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1 \
 		|| echo "wrk not available; the bench falls back to its python load generator"

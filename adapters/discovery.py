@@ -86,10 +86,18 @@ class Discovery:
 
     async def tick(self) -> None:
         if time.monotonic() >= self._next_poll:
-            self._next_poll = time.monotonic() + self._refresh_s
-            if await self._cache.try_poll_lock(self._owner, self._refresh_s * 0.9):
-                await self.poll()
-        await self.sync()
+            await self._poll_under_lock()
+        if not await self.sync():
+            # The shared copy is gone (Redis restarted or flushed): poll at once instead of at the
+            # next interval, or every model is denied until then (SPEC §4.6). The lock still keeps
+            # it to one replica; the others pick the result up at their next sync.
+            await self._poll_under_lock()
+            await self.sync()
+
+    async def _poll_under_lock(self) -> None:
+        self._next_poll = time.monotonic() + self._refresh_s
+        if await self._cache.try_poll_lock(self._owner, self._refresh_s * 0.9):
+            await self.poll()
 
     async def poll(self) -> None:
         now = time.time()
@@ -125,12 +133,12 @@ class Discovery:
         await self._cache.store(list(fresh.values()), ttl_s, records if len(records) > 1 else None)
         self.last_success = time.time()
 
-    async def sync(self) -> None:
+    async def sync(self) -> bool:
+        """Copy the shared set in; False when it is missing. The in-process copy then stays until
+        its own expiry: it was true when read, and a flush is not news about Ollama."""
         found = await self._cache.read()
         if found is None:
-            self._catalog = None
-            self._holders = None
-            return
+            return False
         names, entries, ttl_ms, backends = found
         self._expires_at = time.time() + ttl_ms / 1000
         if backends is not None:
@@ -140,6 +148,7 @@ class Discovery:
         if self._catalog is None or self._catalog.names != tuple(names):
             self._versions += 1
             self._catalog = Catalog(version=self._versions, names=tuple(names), entries=tuple(entries))
+        return True
 
     def _per_backend(self, backends: list[Any], entries: list[dict[str, Any]]
                      ) -> tuple[list[str], list[dict[str, Any]]]:

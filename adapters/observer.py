@@ -40,7 +40,8 @@ class RequestObserver:
                                now, now + timedelta(days=days)))
         _log.info("request", request_id=ex.request_id, tenant=p.tenant_name if p else None,
                   key_prefix=p.key_prefix if p else None, route=ex.route, model=ex.model, status=ex.status,
-                  latency_ms=latency_ms, tokens_in=ex.tokens_in, tokens_out=ex.tokens_out)
+                  latency_ms=latency_ms, tokens_in=ex.tokens_in, tokens_out=ex.tokens_out,
+                  dependency=ex.dependency)
 
 
 def seconds_since(since: float | None) -> float:

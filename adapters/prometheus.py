@@ -8,12 +8,27 @@ from __future__ import annotations
 
 from aiohttp import web
 from aioprometheus import Counter, Gauge, Histogram, Registry, render
+from attrs import frozen
 
 from gateway_core.routing import Outcome
 
 UNKNOWN = "-"
 # The tables the batched writers fill; their series exist from the start, so alerts see a 0.
 WRITER_TABLES = ("audit_log", "budget_usage", "prompt_log")
+# Label combinations are few (tenants x models in their effective sets x statuses); the cap only
+# bounds the key cache if that ever stops being true.
+_MAX_BOUND_SERIES = 10_000
+
+
+@frozen
+class _Series:
+    """One label combination's sample keys in aioprometheus's stores, computed once."""
+
+    labels: dict[str, str]
+    requests: bytes
+    tokens_in: bytes
+    tokens_out: bytes
+    duration: bytes
 
 
 class GatewayMetrics:
@@ -48,6 +63,7 @@ class GatewayMetrics:
                                   registry=self.registry)
         self.spool_bytes = Gauge("gateway_spool_bytes", "Bytes waiting in a writer's spool file.",
                                  registry=self.registry)
+        self._upstream_keys: dict[tuple[int, Outcome], bytes] = {}
         for table in WRITER_TABLES:
             self.observe_writer(table, 0, 0, 0)
 
@@ -57,19 +73,53 @@ class GatewayMetrics:
         self.writer_queue.set(labels, float(queued))
         self.spool_bytes.set(labels, float(spool_bytes))
         self.rows_rejected.set(labels, float(rejected))
+        self._series: dict[tuple[str | None, str | None, int], _Series] = {}
 
     def observe_upstream(self, backend: int, outcome: Outcome) -> None:
-        self.upstream_requests.inc({"backend": str(backend), "outcome": outcome.value})
+        """One upstream call ended; on every request, so its sample key is computed once (as observe)."""
+        key = self._upstream_keys.get((backend, outcome))
+        if key is None:
+            labels = {"backend": str(backend), "outcome": outcome.value}
+            self.upstream_requests._check_labels(labels)
+            key = self.upstream_requests.values.__keytransform__(labels)
+            self._upstream_keys[(backend, outcome)] = key
+        store = self.upstream_requests.values.store
+        store[key] = store.get(key, 0) + 1
 
     def observe(self, tenant: str | None, model: str | None, status: int, tokens_in: int, tokens_out: int,
                 seconds: float) -> None:
-        labels = {"tenant": tenant or UNKNOWN, "model": model or UNKNOWN}
-        self.requests.inc({**labels, "status": str(status)})
+        series = self._series.get((tenant, model, status))
+        if series is None:
+            series = self._bind(tenant, model, status)
+        # The same sample stores aioprometheus's own inc/add/observe update, without turning the label
+        # dicts into JSON keys twice per call (that was ~20 µs of every request).
+        requests = self.requests.values.store
+        requests[series.requests] = requests.get(series.requests, 0) + 1
         if tokens_in:
-            self.tokens.add({**labels, "direction": "in"}, tokens_in)
+            tokens = self.tokens.values.store
+            tokens[series.tokens_in] = tokens.get(series.tokens_in, 0) + tokens_in
         if tokens_out:
-            self.tokens.add({**labels, "direction": "out"}, tokens_out)
-        self.duration.observe(labels, seconds)
+            tokens = self.tokens.values.store
+            tokens[series.tokens_out] = tokens.get(series.tokens_out, 0) + tokens_out
+        histogram = self.duration.values.store.get(series.duration)
+        if histogram is None:
+            self.duration.observe(series.labels, seconds)
+        else:
+            histogram.observe(seconds)
+
+    def _bind(self, tenant: str | None, model: str | None, status: int) -> _Series:
+        if len(self._series) >= _MAX_BOUND_SERIES:
+            self._series.clear()  # only a cache of keys: the samples stay in the collectors
+        labels = {"tenant": tenant or UNKNOWN, "model": model or UNKNOWN}
+        key = self.requests.values.__keytransform__
+        for collector, extra in ((self.requests, {"status": str(status)}), (self.tokens, {"direction": "in"}),
+                                 (self.tokens, {"direction": "out"})):
+            collector._check_labels({**labels, **extra})
+        series = _Series(labels=labels, requests=key({**labels, "status": str(status)}),
+                         tokens_in=key({**labels, "direction": "in"}),
+                         tokens_out=key({**labels, "direction": "out"}), duration=key(labels))
+        self._series[(tenant, model, status)] = series
+        return series
 
     def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
         body, headers = render(self.registry, accept)

@@ -12,6 +12,9 @@ from functools import partial
 from aiohttp import web
 from psycopg_pool import PoolTimeout
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from adapters.argon2_hasher import Argon2Hasher
 from adapters.circuit import BackendRouter
@@ -31,7 +34,7 @@ from adapters.redis.admission import RedisAdmission
 from adapters.redis.admission_view import RedisAdmissionView
 from adapters.redis.auth_failures import RedisAuthFailures
 from adapters.redis.discovery import RedisDiscoveryCache
-from adapters.redis.health import RedisHealth, TrustedWhenAll
+from adapters.redis.health import RedisHealth
 from adapters.system_clock import SystemClock
 from adapters.tasks import cancel_and_wait
 from entrypoints.settings import Settings
@@ -52,9 +55,17 @@ def make_hasher(settings: Settings) -> Argon2Hasher:
 
 
 def make_redis(settings: Settings) -> Redis:
-    # Short timeouts: a dead Redis must turn into a quick 503, not a hung request (SPEC §8.5).
+    """The one place a Redis client is built.
+
+    Short timeouts: a dead Redis must turn into a quick 503, not a hung request (SPEC §8.5). A pooled
+    connection left dead by a Redis restart fails with ConnectionError: that command is retried once
+    on a fresh connection before anything is refused. No health-check PING before use: it would add a
+    round trip to the hot path after every idle second, and the retry already covers it. Timeouts
+    are not retried (the command may have run; a retry could double a charge; redis-py's default
+    would retry them ten times with backoff, far past any caller's patience).
+    """
     return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
-                          retry_on_timeout=False, health_check_interval=5)
+                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
 
 @asynccontextmanager
@@ -67,7 +78,8 @@ async def open_admin(settings: Settings, actor: str) -> AsyncIterator[Admin]:
         try:
             await pool.open(wait=True, timeout=5)
         except PoolTimeout as exc:
-            raise DependencyUnavailable("cannot reach PostgreSQL at DATABASE_URL") from exc
+            raise DependencyUnavailable("cannot reach PostgreSQL at DATABASE_URL",
+                                        dependency="postgres") from exc
         yield Admin(PostgresTenantStore(pool), hasher, RedisDiscoveryCache(redis), SystemClock(), actor)
     finally:
         hasher.close()
@@ -105,7 +117,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         await backend.start()
     hasher = make_hasher(settings)
     cache = TieredKeyCache(redis, settings.key_cache_ttl_s)
-    listener = ChangeListener(settings.database_url, cache)
+    listener = ChangeListener(settings.database_url, cache, cache_ttl_s=settings.key_cache_ttl_s)
     redis_health = RedisHealth(redis)
     discovery = Discovery(backends, RedisDiscoveryCache(redis), refresh_s=settings.model_discovery_refresh_s,
                           ttl_s=settings.model_discovery_cache_ttl_s)
@@ -118,7 +130,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
                         view=RedisAdmissionView(redis))
     auth = Authenticator(AuthPorts(cache=cache, source=PostgresPrincipalSource(pool), hasher=hasher,
                                    failures=RedisAuthFailures(redis, settings.auth_failures_per_minute),
-                                   feed=TrustedWhenAll(listener.trusted, redis_health.ok), clock=clock))
+                                   feed=listener, clock=clock))
     router = BackendRouter(backends, settings.circuit_failure_threshold, settings.circuit_reset_s, clock,
                            holders=discovery.holders, on_outcome=metrics.observe_upstream)
 
@@ -159,6 +171,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
 
     app[REFRESH_GAUGES] = refresh_gauges
     await redis_health.start()
+    await auth.warm_up()
     await listener.start()
     await discovery.start()
     tasks = [

@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -23,13 +24,20 @@ from gateway_core.limits import Limits
 T = TypeVar("T")
 
 
+INT_MAX = 2**31 - 1  # a Postgres integer column
+BIGINT_MAX = 2**63 - 1  # a Postgres bigint column
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
 class _Count(click.ParamType):
-    """A whole number ≥ 0; with `clearable`, also `none` (clears a key-level value or a budget)."""
+    """A whole number ≥ 0 in ASCII digits, at most *maximum* (what its column holds); with
+    `clearable`, also `none` (clears a key-level value or a budget)."""
 
     name = "count"
 
-    def __init__(self, clearable: bool = False) -> None:
+    def __init__(self, clearable: bool = False, maximum: int = INT_MAX) -> None:
         self.clearable = clearable
+        self.maximum = maximum
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, int) or value is None or value is KEEP:
@@ -37,14 +45,19 @@ class _Count(click.ParamType):
         text = str(value).strip().lower()
         if self.clearable and text == "none":
             return None
-        if not text.isdigit():
+        # Not str.isdigit(): it is true for "²" and other digits int() refuses or reads otherwise.
+        if not _ASCII_DIGITS.fullmatch(text):
             expected = "a whole number ≥ 0 or 'none'" if self.clearable else "a whole number ≥ 0"
             self.fail(f"{value!r} is not {expected}", param, ctx)
+        if len(text) > len(str(self.maximum)) or int(text) > self.maximum:
+            self.fail(f"{value!r} is larger than {self.maximum}", param, ctx)
         return int(text)
 
 
 COUNT = _Count()
 CLEARABLE = _Count(clearable=True)
+BIG_COUNT = _Count(maximum=BIGINT_MAX)
+BIG_CLEARABLE = _Count(clearable=True, maximum=BIGINT_MAX)
 
 
 def _actor() -> str:
@@ -132,11 +145,18 @@ def cli() -> None:
 
 
 @cli.command()
-def serve() -> None:
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Processes on the one port (SO_REUSEPORT); default GATEWAY_WORKERS.")
+def serve(workers: int | None) -> None:
     """Run the gateway."""
     from entrypoints.server import serve as run_server
 
-    run_server(_settings())
+    settings = _settings()
+    count = settings.gateway_workers if workers is None else workers
+    # Worker i serves /metrics on METRICS_PORT + i (docs/operations.md).
+    if settings.metrics_port + count - 1 > 65535:
+        _fail(f"METRICS_PORT={settings.metrics_port} leaves no room for {count} workers' metrics ports", 2)
+    run_server(settings, count)
 
 
 @cli.command()
@@ -156,7 +176,7 @@ def migrate(as_json: bool) -> None:
 @cli.command("create-tenant")
 @click.option("--name", required=True)
 @click.option("--rpm", type=COUNT, required=True)
-@click.option("--tpm", type=COUNT, required=True)
+@click.option("--tpm", type=BIG_COUNT, required=True)
 @click.option("--concurrent", type=COUNT, required=True)
 @click.option("--allow-all-models", is_flag=True, default=False)
 @json_option
@@ -173,7 +193,7 @@ def create_tenant(name: str, rpm: int, tpm: int, concurrent: int, allow_all_mode
 @click.option("--name", required=True)
 @click.option("--scopes", default="chat,embeddings", show_default=True)
 @click.option("--rpm", type=COUNT)
-@click.option("--tpm", type=COUNT)
+@click.option("--tpm", type=BIG_COUNT)
 @click.option("--concurrent", type=COUNT)
 @json_option
 def create_key(tenant: str, name: str, scopes: str, rpm: int | None, tpm: int | None,
@@ -218,7 +238,7 @@ def revoke_key(prefix: str, as_json: bool) -> None:
 @click.option("--tenant")
 @click.option("--key", "prefix")
 @click.option("--rpm", type=CLEARABLE, default=KEEP)
-@click.option("--tpm", type=CLEARABLE, default=KEEP)
+@click.option("--tpm", type=BIG_CLEARABLE, default=KEEP)
 @click.option("--concurrent", type=CLEARABLE, default=KEEP)
 @json_option
 def set_limits(tenant: str | None, prefix: str | None, rpm: Change, tpm: Change, concurrent: Change,
@@ -238,9 +258,9 @@ def set_limits(tenant: str | None, prefix: str | None, rpm: Change, tpm: Change,
 
 @cli.command("set-budget")
 @click.option("--key", "prefix", required=True)
-@click.option("--daily", type=CLEARABLE, default=KEEP)
-@click.option("--monthly", type=CLEARABLE, default=KEEP)
-@click.option("--total", type=CLEARABLE, default=KEEP)
+@click.option("--daily", type=BIG_CLEARABLE, default=KEEP)
+@click.option("--monthly", type=BIG_CLEARABLE, default=KEEP)
+@click.option("--total", type=BIG_CLEARABLE, default=KEEP)
 @json_option
 def set_budget(prefix: str, daily: Change, monthly: Change, total: Change, as_json: bool) -> None:
     """Set a key's token budgets per period; `none` clears one."""

@@ -7,6 +7,7 @@ import re
 import sys
 from typing import Any
 
+import orjson
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -29,7 +30,9 @@ _SECRETS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 # One cheap search first: almost every string logged holds none of these, and five substitutions
 # per field of every request event would be a measurable share of the gateway's CPU.
-_MAYBE_SECRET = re.compile(r"(?i)nz_|authorization|bearer|basic|\$argon2")
+# A bare 12-character key prefix (nz_ + 9) is logged with every request and is not secret, so only a
+# longer run after nz_ counts; the key pattern above needs at least 10 characters there as well.
+_MAYBE_SECRET = re.compile(r"(?i)nz_[A-Za-z0-9_-]{10}|authorization|bearer|basic|\$argon2")
 
 
 def scrub(text: str) -> str:
@@ -50,34 +53,68 @@ def _scrubbed(value: Any) -> Any:
     return value
 
 
+_PLAIN = (int, float, bool, type(None))
+
+
 def redact_secrets(_logger: Any, _method: str, event_dict: Any) -> Any:
-    # Keys starting with "_" are structlog's own bookkeeping (the LogRecord), removed before rendering.
-    return {k: v if k.startswith("_") else _scrubbed(v) for k, v in event_dict.items()}
+    # In place (structlog hands every event a dict of its own): most values are numbers or strings
+    # without a hit, and a new dict plus a call per field was the largest cost of a request's event.
+    for key, value in event_dict.items():
+        if type(value) is str:
+            if _MAYBE_SECRET.search(value) is None:
+                continue
+        elif isinstance(value, _PLAIN):
+            continue
+        # Keys starting with "_" are structlog's own bookkeeping (the LogRecord), removed before rendering.
+        if not key.startswith("_"):
+            event_dict[key] = _scrubbed(value)
+    return event_dict
 
 
-def configure_logging(log_format: str, log_level: str) -> None:
+def _orjson_text(value: Any, **kwargs: Any) -> str:
+    return orjson.dumps(value, **kwargs).decode()
+
+
+def _with_static(fields: dict[str, Any]) -> structlog.types.Processor:
+    def add(_logger: Any, _method: str, event_dict: Any) -> Any:
+        event_dict.update(fields)
+        return event_dict
+
+    return add
+
+
+def configure_logging(log_format: str, log_level: str, static: dict[str, Any] | None = None) -> None:
+    """*static*: fields added to every event (e.g. the worker index under `serve --workers`)."""
     level = _LEVELS[log_level]
+    json_lines = log_format == "json"
+    # orjson renders to bytes, written as they are: about 3x cheaper than json.dumps per event.
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if log_format == "json"
+        structlog.processors.JSONRenderer(serializer=orjson.dumps) if json_lines
         else structlog.dev.ConsoleRenderer(colors=False))
+    text_renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer(serializer=_orjson_text) if json_lines else renderer)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if static:
+        shared.append(_with_static(dict(static)))
     # Exceptions become text here (not a repr of the exception and its traceback object) so that the
     # scrubber sees exactly what will be written; it must stay the last step before the renderer.
     final: list[structlog.types.Processor] = [structlog.processors.format_exc_info, redact_secrets]
+    factory: Any = (structlog.BytesLoggerFactory(file=sys.stdout.buffer) if json_lines
+                    else structlog.WriteLoggerFactory(file=sys.stdout))
     structlog.configure(
         processors=[*shared, *final, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     # Library and adapter warnings (stdlib logging) come out in the same format and stream.
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processor=renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, *final]))
+        processor=text_renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, *final]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.INFO))

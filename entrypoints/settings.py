@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "LOG_LEVEL": "info",
     # Not in SPEC §12: where the audit writer spools rows Postgres could not take (SPEC §8.3).
     "AUDIT_SPOOL_DIR": "/var/tmp/neuronetz-gateway",
+    "GATEWAY_WORKERS": 1,
 }
 
 
@@ -67,6 +70,7 @@ class Settings:
     log_format: str
     log_level: str
     audit_spool_dir: str
+    gateway_workers: int
 
     @property
     def ollama_base_urls(self) -> tuple[str, ...]:
@@ -74,28 +78,39 @@ class Settings:
         return tuple(u.strip() for u in self.ollama_base_url.split(",") if u.strip())
 
 
-def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+_WHOLE = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+def _int(low: int, high: int) -> Callable[[str, Any], int]:
+    """A whole number in ASCII digits within [low, high]."""
+
     def check(name: str, raw: Any) -> int:
-        try:
-            value = int(str(raw).strip())
-        except ValueError:
-            raise SettingsError(f"invalid setting {name}={raw!r}: expected a whole number") from None
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise SettingsError(f"invalid setting {name}={raw!r}: must be {bound}")
-        return value
+        text = str(raw).strip()
+        # Not int(): it takes "1_000", "+5" and non-ASCII digits; a setting is plain digits.
+        if isinstance(raw, bool) or not _WHOLE.fullmatch(text):
+            raise SettingsError(f"invalid setting {name}={raw!r}: expected a whole number")
+        if len(text) > len(str(high)) or not low <= int(text) <= high:
+            raise SettingsError(f"invalid setting {name}={raw!r}: must be between {low} and {high}")
+        return int(text)
 
     return check
 
 
-def _seconds(name: str, raw: Any) -> float:
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise SettingsError(f"invalid setting {name}={raw!r}: expected a number of seconds") from None
-    if not value > 0:
-        raise SettingsError(f"invalid setting {name}={raw!r}: must be greater than 0")
-    return value
+def _seconds(low: float, high: float) -> Callable[[str, Any], float]:
+    """A finite number of seconds within [low, high]: `inf`, `nan`, `1e9` and `0.0001` are refused
+    (a TTL of a tenth of a millisecond made every request 503)."""
+
+    def check(name: str, raw: Any) -> float:
+        text = str(raw).strip()
+        if isinstance(raw, bool) or not _DECIMAL.fullmatch(text):
+            raise SettingsError(f"invalid setting {name}={raw!r}: expected a number of seconds")
+        value = float(text)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise SettingsError(f"invalid setting {name}={raw!r}: must be between {low:g} and {high:g} s")
+        return value
+
+    return check
 
 
 def _url(*schemes: str) -> Callable[[str, Any], str]:
@@ -143,6 +158,8 @@ def _text(name: str, raw: Any) -> str:
 
 
 _PORT = _int(1, 65535)
+_DAY_S = 86_400.0
+_TTL = _seconds(0.1, 7 * _DAY_S)
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "DATABASE_URL": _url("postgresql", "postgres"),
     "REDIS_URL": _url("redis", "rediss", "unix"),
@@ -150,23 +167,24 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "GATEWAY_HOST": _text,
     "GATEWAY_PORT": _PORT,
     "METRICS_PORT": _PORT,
-    "MODEL_DISCOVERY_REFRESH_S": _seconds,
-    "MODEL_DISCOVERY_CACHE_TTL_S": _seconds,
-    "KEY_CACHE_TTL_S": _seconds,
-    "ARGON2_MEMORY_KIB": _int(8),
-    "ARGON2_TIME_COST": _int(1),
+    "MODEL_DISCOVERY_REFRESH_S": _seconds(0.1, _DAY_S),
+    "MODEL_DISCOVERY_CACHE_TTL_S": _TTL,
+    "KEY_CACHE_TTL_S": _TTL,
+    "ARGON2_MEMORY_KIB": _int(8, 4 * 1024 * 1024),
+    "ARGON2_TIME_COST": _int(1, 100),
     "ARGON2_PARALLELISM": _int(1, 64),
-    "CIRCUIT_FAILURE_THRESHOLD": _int(1),
-    "CIRCUIT_RESET_S": _seconds,
-    "BUDGET_DEFAULT_COMPLETION_RESERVE": _int(1),
-    "PROMPT_LOG_DEFAULT_RETENTION_DAYS": _int(1),
-    "PROMPT_LOG_SWEEP_INTERVAL_S": _seconds,
-    "AUTH_FAILURES_PER_MINUTE": _int(1),
-    "MAX_REQUEST_BYTES": _int(1024),
-    "UPSTREAM_TIMEOUT_S": _seconds,
+    "CIRCUIT_FAILURE_THRESHOLD": _int(1, 1_000_000),
+    "CIRCUIT_RESET_S": _seconds(0.1, _DAY_S),
+    "BUDGET_DEFAULT_COMPLETION_RESERVE": _int(1, 10_000_000),
+    "PROMPT_LOG_DEFAULT_RETENTION_DAYS": _int(1, 36_500),
+    "PROMPT_LOG_SWEEP_INTERVAL_S": _seconds(0.1, _DAY_S),
+    "AUTH_FAILURES_PER_MINUTE": _int(1, 1_000_000),
+    "MAX_REQUEST_BYTES": _int(1024, 1024 * 1024 * 1024),
+    "UPSTREAM_TIMEOUT_S": _seconds(0.1, _DAY_S),
     "LOG_FORMAT": _choice("json", "console"),
     "LOG_LEVEL": _choice("debug", "info", "warning", "error"),
     "AUDIT_SPOOL_DIR": _text,
+    "GATEWAY_WORKERS": _int(1, 64),
 }
 
 
@@ -177,4 +195,8 @@ def load_settings() -> Settings:
     for name, check in _CHECKS.items():
         raw = source.get(name)
         values[name.lower()] = check(name, DEFAULTS[name] if raw is None else raw)
+    if values["model_discovery_cache_ttl_s"] < values["model_discovery_refresh_s"]:
+        # The shared copy would lapse between two polls and deny every model meanwhile (SPEC §8.5).
+        raise SettingsError("invalid setting MODEL_DISCOVERY_CACHE_TTL_S: must be at least "
+                            "MODEL_DISCOVERY_REFRESH_S")
     return Settings(**values)

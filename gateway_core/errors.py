@@ -104,6 +104,17 @@ class DependencyUnavailable(GatewayError):
     type = "server_error"
     default_message = "The gateway cannot check this request right now. Try again later."
 
+    def __init__(self, message: str | None = None, *, dependency: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        # Which dependency refused ("redis", "postgres", "change_feed"): for the log, never the body.
+        self.dependency = dependency
+
+    @property
+    def error_class(self) -> str | None:
+        """The class of the failure underneath (ConnectionError, TimeoutError, …), for the log."""
+        return type(self.__cause__).__name__ if self.__cause__ is not None else None
+
 
 class InternalError(GatewayError):
     """Anything unexpected (500): the caller gets this shape, never a framework page or a traceback."""

@@ -49,17 +49,23 @@ def bearer_key(authorization: str | None) -> str | None:
     return value
 
 
+# Hashed once per process and verified against when no active key has the prefix, so an unknown
+# or revoked prefix costs the same argon2 work as a wrong secret (no timing oracle, SPEC §3.1).
+_DUMMY_SECRET = "nz_" + "timing-equaliser-never-a-real-key-0000000"
+
+
 class Authenticator:
     """SPEC §3.1: every failure is the same InvalidApiKey; argon2 is paid once per key per cache TTL."""
 
     def __init__(self, ports: AuthPorts) -> None:
         self._p = ports
+        self._dummy_hash: str | None = None
 
     async def authenticate(self, authorization: str | None, client_ip: str) -> Principal:
         p = self._p
         if not p.feed.trusted():
             # Without the revocation listener a cached key may have been revoked (SPEC §8.5).
-            raise DependencyUnavailable()
+            raise DependencyUnavailable(dependency="change_feed")
         key = bearer_key(authorization)
         if key is None:
             await self._refuse(client_ip)
@@ -72,15 +78,31 @@ class Authenticator:
             # lock out callers whose keys already work (the block exists to protect the CPU).
             return cached
         await self._raise_if_blocked(client_ip)
-        mark = p.cache.mark()
+        # The mark comes first: a revocation committed after the load below moves the key's
+        # generation past it, and the fill is refused (SPEC §4.5).
+        mark = await p.cache.mark()
         found = await p.source.principal_by_prefix(prefix_of(key))
-        if found is None or not await p.hasher.verify(key, found[0]):
+        if found is None:
+            await p.hasher.verify(key, await self._dummy())
+            verified = False
+        else:
+            verified = await p.hasher.verify(key, found[0])
+        if found is None or not verified:
             await p.cache.put_negative(digest)
             await p.failures.record(client_ip, p.clock.now())
             raise InvalidApiKey()
         principal = found[1]
         await p.cache.put(digest, principal, mark)
         return principal
+
+    async def _dummy(self) -> str:
+        if self._dummy_hash is None:
+            self._dummy_hash = await self._p.hasher.hash(_DUMMY_SECRET)
+        return self._dummy_hash
+
+    async def warm_up(self) -> None:
+        """Make the dummy hash before the first caller, so no attempt pays for two hashes."""
+        await self._dummy()
 
     async def _raise_if_blocked(self, client_ip: str) -> None:
         wait_s = await self._p.failures.blocked_for(client_ip, self._p.clock.now())

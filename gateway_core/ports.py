@@ -102,22 +102,33 @@ NEGATIVE: Literal["negative"] = "negative"
 
 
 class KeyCache(Protocol):
-    """Verified keys by digest of the full key (SPEC §3.1), shared by replicas, evicted on change."""
+    """Verified keys by digest of the full key (SPEC §3.1), shared by replicas, evicted on change.
 
-    def mark(self) -> int:
-        """A position in the eviction history; take it before loading a key from the store."""
+    Eviction cannot lose a race with a fill (SPEC §4.5): a fill carries the mark taken before its
+    key was read from the store, and is refused if the key or its tenant was evicted since."""
+
+    async def mark(self) -> object:
+        """An opaque position in the eviction history; take it BEFORE loading a key from the store."""
         ...
 
     async def get(self, digest: str) -> Principal | Literal["negative"] | None:
         """The cached principal, NEGATIVE for a recently failed key, or None when unknown."""
         ...
 
-    async def put(self, digest: str, principal: Principal, mark: int) -> None:
-        """Cache *principal* unless its key or tenant was evicted after *mark* (a stale load)."""
+    async def put(self, digest: str, principal: Principal, mark: object) -> bool:
+        """Cache *principal* unless its key or tenant was evicted after *mark*; True if cached."""
         ...
 
     async def put_negative(self, digest: str) -> None:
         """Remember briefly that this key failed, so repeating it costs no hash."""
+        ...
+
+    async def evict_prefix(self, prefix: str) -> None:
+        """Forget every entry of this key, and refuse fills marked before now."""
+        ...
+
+    async def evict_tenant(self, tenant_id: int) -> None:
+        """Forget every entry of this tenant's keys, and refuse fills marked before now."""
         ...
 
 

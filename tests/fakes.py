@@ -146,27 +146,43 @@ class InMemoryLedger:
 
 
 class InMemoryKeyCache:
+    """The KeyCache contract in memory: a clock, a generation per key prefix and per tenant."""
+
     def __init__(self) -> None:
         self.entries: dict[str, Principal | str] = {}
-        self.evictions = 0
+        self.clock = 0
+        self.key_generation: dict[str, int] = {}
+        self.tenant_generation: dict[int, int] = {}
 
-    def mark(self) -> int:
-        return self.evictions
+    async def mark(self) -> object:
+        return self.clock
 
     async def get(self, digest: str) -> Principal | str | None:
         return self.entries.get(digest)
 
-    async def put(self, digest: str, principal: Principal, mark: int) -> None:
-        if mark == self.evictions:
-            self.entries[digest] = principal
+    async def put(self, digest: str, principal: Principal, mark: object) -> bool:
+        if not isinstance(mark, int):
+            return False
+        if (self.key_generation.get(principal.key_prefix, 0) > mark
+                or self.tenant_generation.get(principal.tenant_id, 0) > mark):
+            return False
+        self.entries[digest] = principal
+        return True
 
     async def put_negative(self, digest: str) -> None:
         self.entries.setdefault(digest, NEGATIVE)
 
-    def evict_prefix(self, prefix: str) -> None:
-        self.evictions += 1
+    async def evict_prefix(self, prefix: str) -> None:
+        self.clock += 1
+        self.key_generation[prefix] = self.clock
         self.entries = {d: p for d, p in self.entries.items()
                         if not (isinstance(p, Principal) and p.key_prefix == prefix)}
+
+    async def evict_tenant(self, tenant_id: int) -> None:
+        self.clock += 1
+        self.tenant_generation[tenant_id] = self.clock
+        self.entries = {d: p for d, p in self.entries.items()
+                        if not (isinstance(p, Principal) and p.tenant_id == tenant_id)}
 
 
 class InMemoryAuthFailures:

@@ -12,7 +12,14 @@ from adapters.http import handlers
 from adapters.http.errors import error_response
 from adapters.http.exchange import Exchange, request_id_for
 from adapters.http.typedefs import EXCHANGE, SERVICES, Services, json_response
-from gateway_core.errors import GatewayError, InternalError, InvalidRequest, NotFound, RequestTooLarge
+from gateway_core.errors import (
+    DependencyUnavailable,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    RequestTooLarge,
+)
 
 __all__ = ["EXCHANGE", "SERVICES", "Services", "exchange_middleware", "json_response", "make_web_app"]
 
@@ -30,6 +37,8 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         resp = await handler(request)
     except GatewayError as exc:
+        if isinstance(exc, DependencyUnavailable):
+            ex.dependency = f"{exc.dependency or 'unknown'}:{exc.error_class or type(exc).__name__}"
         resp = error_response(exc)
     except web.HTTPException as exc:
         resp = error_response(_from_http(exc))

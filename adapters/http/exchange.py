@@ -42,6 +42,8 @@ class Exchange:
     # The model as the caller named it (first 200 characters), for the audit row of a request
     # refused before a model resolved; never a metric label.
     requested_model: str | None = None
+    # For a 503: which dependency refused and the class of its error (logged, never shown).
+    dependency: str | None = None
 
     @staticmethod
     def client_ip_of(request: web.Request) -> str:

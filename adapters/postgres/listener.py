@@ -1,5 +1,12 @@
 """The change feed (SPEC §4.5): LISTEN for revocations and config changes, evict what they name,
-reconnect on its own and replay the revocation outbox it may have missed."""
+reconnect on its own and then replay exactly what changed while it was away.
+
+Replay reads two logs: the revocation outbox and `gateway.config_changes` (migration 0004), each from
+where the previous connection caught up, minus a look-back that covers transactions still open at
+that moment (their rows carry earlier ids or times but commit later). Config-change rows whose
+notification was already applied are skipped, so a reconnect costs argon2 only for keys that
+really changed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Protocol
 
 import psycopg
@@ -20,30 +28,38 @@ APPLICATION_NAME = "neuronetz-gateway-listener"
 _log = logging.getLogger("neuronetz.listener")
 
 
+# How far before the previous catch-up a replay looks: a change whose transaction was open then
+# (written before, committed after) is still replayed. Operator transactions last milliseconds.
+LOOK_BACK_S = 60.0
+_APPLIED_KEPT = 10_000
+
+
 class Evictor(Protocol):
     async def evict_prefix(self, prefix: str) -> None: ...
 
     async def evict_tenant(self, tenant_id: int) -> None: ...
 
-    async def evict_all(self) -> None: ...
-
 
 class ChangeListener:
     """trusted() is true only while a LISTEN connection is up and everything missed is replayed."""
 
-    def __init__(self, database_url: str, evictor: Evictor, *, probe_every_s: float = 1.0,
-                 retry_max_s: float = 1.0) -> None:
+    def __init__(self, database_url: str, evictor: Evictor, *, cache_ttl_s: float,
+                 probe_every_s: float = 1.0, retry_max_s: float = 1.0) -> None:
         self._url = database_url
         self._evictor = evictor
         self._probe_every_s = probe_every_s
         self._retry_max_s = retry_max_s
+        self._cache_ttl_s = cache_ttl_s
         self._trusted = False
         self._ready = asyncio.Event()
-        self._last_revocation_id: int | None = None
+        # Where the previous connection caught up (database clock), None before the first one.
+        self._caught_up_at: datetime | None = None
+        self._applied_changes: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.on_ready: Callable[[], Awaitable[None]] | None = None
         self.connections = 0
+        self.replayed = 0
 
     def trusted(self) -> bool:
         return self._trusted
@@ -120,25 +136,45 @@ class ChangeListener:
                 await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self._probe_every_s * 2)
 
     async def _catch_up(self, conn: psycopg.AsyncConnection) -> None:
-        cur = await conn.execute("SELECT COALESCE(max(id), 0) FROM gateway.revocations")
+        cur = await conn.execute("SELECT clock_timestamp()")
         row = await cur.fetchone()
-        newest = int(row[0]) if row else 0
-        if self._last_revocation_id is not None:
-            cur = await conn.execute(
-                "SELECT id, key_prefix FROM gateway.revocations WHERE id > %s ORDER BY id",
-                (self._last_revocation_id,))
-            for _, prefix in await cur.fetchall():
-                await self._evictor.evict_prefix(prefix)
-        # Config changes have no outbox; anything cached while we were deaf may be stale.
-        await self._evictor.evict_all()
-        self._last_revocation_id = newest
+        now = row[0] if row else None
+        if self._caught_up_at is None:
+            # First connection of this process: the shared cache may hold entries filled before a
+            # change that no replica was listening for (all were down). None lives longer than the
+            # cache TTL, so the changes of that long are all that can be stale.
+            since, back_s = now, self._cache_ttl_s + LOOK_BACK_S
+        else:
+            since, back_s = self._caught_up_at, LOOK_BACK_S
+        cur = await conn.execute(
+            "SELECT DISTINCT key_prefix FROM gateway.revocations"
+            " WHERE revoked_at > %s - make_interval(secs => %s)", (since, back_s))
+        for (prefix,) in await cur.fetchall():
+            await self._evictor.evict_prefix(prefix)
+        cur = await conn.execute(
+            "SELECT id, kind, ident FROM gateway.config_changes"
+            " WHERE changed_at > %s - make_interval(secs => %s) ORDER BY id", (since, back_s))
+        for change_id, kind, ident in await cur.fetchall():
+            if change_id not in self._applied_changes:
+                await self._evict(kind, ident)
+                self._applied_changes.add(change_id)
+        if len(self._applied_changes) > _APPLIED_KEPT:
+            self._applied_changes.clear()  # only costs a few re-evictions on a later reconnect
+        self.replayed += 1
+        self._caught_up_at = now
 
     async def _apply(self, channel: str, payload: str) -> None:
         if channel == REVOKED_CHANNEL:
             await self._evictor.evict_prefix(payload)
             return
-        kind, _, ident = payload.partition(":")
-        if kind == "key":
+        kind, _, rest = payload.partition(":")
+        ident, _, change_id = rest.partition("#")
+        await self._evict(kind, ident)
+        if change_id.isdigit():
+            self._applied_changes.add(int(change_id))
+
+    async def _evict(self, kind: str, ident: str) -> None:
+        if kind == "key" and ident:
             await self._evictor.evict_prefix(ident)
         elif kind == "tenant" and ident.isdigit():
             await self._evictor.evict_tenant(int(ident))

@@ -36,4 +36,4 @@ async def connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCo
         async with pool.connection() as conn:
             yield conn
     except (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        raise DependencyUnavailable() from exc
+        raise DependencyUnavailable(dependency="postgres") from exc

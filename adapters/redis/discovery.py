@@ -2,7 +2,7 @@
 entries beside them, both with the same TTL; a short lock so that one replica polls at a time.
 
 With several backends the entries value is `{"entries": [...], "backends": [record, ...]}`, one
-record per backend index (`{"names", "entries", "expires_at"}` or null): the per-backend sets ride
+record per backend index (`{"names", "expires_at"}` or null): the per-backend sets ride
 in the same value, so replicas read them in the same round trip. A plain list (older replicas)
 still reads, as "every backend has every model".
 """
@@ -17,8 +17,10 @@ from redis.asyncio import Redis
 from adapters.redis.errors import redis_guard
 
 DISCOVERED_KEY = "gateway:models:discovered"
-ENTRIES_KEY = "gateway:models:discovered:entries"
-POLL_LOCK_KEY = "gateway:models:poll-lock"
+# The SPEC names the first key; the others take its whole name as their hash tag, so all three live in
+# its Redis Cluster slot and the MULTI that writes names and entries together stays in one slot.
+ENTRIES_KEY = "{gateway:models:discovered}:entries"
+POLL_LOCK_KEY = "{gateway:models:discovered}:poll-lock"
 
 
 class RedisDiscoveryCache:

@@ -15,6 +15,6 @@ async def redis_guard() -> AsyncIterator[None]:
     try:
         yield
     except RedisError as exc:
-        raise DependencyUnavailable() from exc
+        raise DependencyUnavailable(dependency="redis") from exc
     except OSError as exc:
-        raise DependencyUnavailable() from exc
+        raise DependencyUnavailable(dependency="redis") from exc

@@ -1,9 +1,16 @@
-"""Redis liveness for routes that need no Redis command of their own (listings, version): with
-Redis down nothing may pass unchecked (SPEC §8.5), so they must see it fail too."""
+"""Redis liveness for routes that make no Redis call of their own (listings, version): with Redis
+down nothing may pass unchecked (SPEC §8.5), so they must see it fail too.
+
+Every other route is gated by its own Redis calls (the admission script failing is the 503), so
+this heartbeat gates only those few, and with hysteresis: one slow PING on a busy host, or one
+stale connection after a restart, must not refuse anyone. Down means several misses in a row,
+each with a timeout a loaded machine still meets; one answer makes it up again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -12,29 +19,48 @@ from redis.exceptions import RedisError
 from adapters.tasks import cancel_and_wait
 from gateway_core.errors import DependencyUnavailable
 
+_log = logging.getLogger("neuronetz.redis_health")
+PING_EVERY_S = 0.5
+PING_TIMEOUT_S = 2.0
+MISSES_TO_DOWN = 3
+
 
 class RedisHealth:
-    def __init__(self, redis: Redis, every_s: float = 0.5) -> None:
+    def __init__(self, redis: Redis, every_s: float = PING_EVERY_S, timeout_s: float = PING_TIMEOUT_S,
+                 misses_to_down: int = MISSES_TO_DOWN) -> None:
         self._redis = redis
         self._every_s = every_s
-        self._ok = False
+        self._timeout_s = timeout_s
+        self._misses_to_down = misses_to_down
+        self._misses = misses_to_down  # down until the first answer
+        self._last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     def ok(self) -> bool:
-        return self._ok
+        return self._misses < self._misses_to_down
 
     async def check(self) -> bool:
         try:
-            await asyncio.wait_for(self._redis.ping(), self._every_s)
-            self._ok = True
-        except (RedisError, OSError, TimeoutError):
-            self._ok = False
-        return self._ok
+            await asyncio.wait_for(self._redis.ping(), self._timeout_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._misses += 1
+            self._last_error = type(exc).__name__
+            if self._misses == self._misses_to_down:
+                _log.warning("redis heartbeat: %d misses in a row (%s)", self._misses, self._last_error)
+        else:
+            self._misses = 0
+        return self.ok()
 
     async def confirm(self) -> None:
-        """Raise DependencyUnavailable unless Redis answers now (one PING)."""
-        if not await self.check():
-            raise DependencyUnavailable()
+        """Raise DependencyUnavailable while the heartbeat says Redis is down."""
+        if self.ok():
+            return
+        # Down: one live PING may already tell that it is back, without waiting for the next beat.
+        try:
+            await asyncio.wait_for(self._redis.ping(), self._timeout_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise DependencyUnavailable(dependency="redis") from exc
+        self._misses = 0
 
     async def start(self) -> None:
         await self.check()
@@ -50,7 +76,7 @@ class RedisHealth:
 
 
 class TrustedWhenAll:
-    """A ChangeFeed that is trusted only while every part is: the listener and Redis."""
+    """A ChangeFeed that is trusted only while every part is."""
 
     def __init__(self, *checks: Callable[[], bool]) -> None:
         self._checks = checks

@@ -1,9 +1,11 @@
-"""Fallback HTTP load generator for the gateway benchmark, used only when `wrk` is not installed.
+"""HTTP load generator for the gateway benchmark: the fallback when `wrk` is not installed, and the
+time-to-first-byte probe beside wrk in streaming phases.
 
 Runs in a process of its own: ``python -m tests.bench.loadgen --url URL --body-file F -c 64 -d 10``.
 Each of the ``-c`` workers keeps one keep-alive connection busy (send, read the whole response,
-repeat) until the deadline. Prints one line ``BENCH_JSON {...}`` with the same fields the wrk
-script of :mod:`tests.bench.bench_gateway` prints (times in microseconds).
+repeat) until the deadline; it also records the time to the first byte of each body. Prints one
+line ``BENCH_JSON {...}`` with the fields the wrk script of :mod:`tests.bench.bench_gateway`
+prints, plus ``ttfb_p50_us`` / ``ttfb_p99_us`` (times in microseconds).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def percentile(sorted_values: list[float], pct: float) -> float:
 async def run(url: str, body: bytes, headers: dict[str, str], connections: int, duration_s: float,
               timeout_s: float) -> dict[str, Any]:
     latencies: list[float] = []
+    ttfb: list[float] = []  # time to the first byte of the body (a stream's first frame)
     counts = {"bytes": 0, "connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -40,7 +43,11 @@ async def run(url: str, body: bytes, headers: dict[str, str], connections: int, 
             while (t0 := time.perf_counter()) < deadline:
                 try:
                     async with session.post(url, data=body, headers=headers) as resp:
-                        data = await resp.read()
+                        first = await resp.content.readany()
+                        ttfb.append((time.perf_counter() - t0) * 1e6)
+                        size = len(first)
+                        while chunk := await resp.content.readany():
+                            size += len(chunk)
                         status = resp.status
                 except TimeoutError:
                     counts["timeout"] += 1
@@ -53,13 +60,14 @@ async def run(url: str, body: bytes, headers: dict[str, str], connections: int, 
                     counts["read"] += 1
                     continue
                 latencies.append((time.perf_counter() - t0) * 1e6)
-                counts["bytes"] += len(data)
+                counts["bytes"] += size
                 if status > 399:
                     counts["status"] += 1
 
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - started
     latencies.sort()
+    ttfb.sort()
     return {
         "requests": len(latencies),
         "duration_us": elapsed * 1e6,
@@ -70,6 +78,8 @@ async def run(url: str, body: bytes, headers: dict[str, str], connections: int, 
         "p90_us": percentile(latencies, 90),
         "p99_us": percentile(latencies, 99),
         "p999_us": percentile(latencies, 99.9),
+        "ttfb_p50_us": percentile(ttfb, 50),
+        "ttfb_p99_us": percentile(ttfb, 99),
     }
 
 

@@ -19,6 +19,7 @@ import attrs
 import psycopg
 import redis.asyncio as aioredis
 
+from adapters.key_cache import entry_name
 from adapters.redis.auth_failures import RedisAuthFailures
 from entrypoints.app import open_admin
 from gateway_core.admin import KEEP
@@ -114,7 +115,7 @@ async def console_revoke(gw: Gateway, prefix: str) -> float:
 async def cached_in_redis(gw: Gateway, secret: str) -> bool:
     client = aioredis.Redis.from_url(gw.settings.redis_url)
     try:
-        return bool(await client.exists("gw:key:" + cache_digest(secret)))
+        return bool(await client.exists(entry_name(cache_digest(secret))))
     finally:
         await client.aclose()
 

@@ -21,6 +21,7 @@ import pytest_asyncio
 from multidict import CIMultiDict
 
 from adapters.postgres.listener import APPLICATION_NAME
+from adapters.redis.health import MISSES_TO_DOWN, PING_EVERY_S
 from gateway_core.limits import Limits
 from gateway_core.models import Scope
 from tests.e2e.conftest_faults import (
@@ -36,6 +37,7 @@ from tests.fake_ollama import FakeOllama
 
 CHAT = "/v1/chat/completions"
 RECOVERY_S = 5.0
+HEARTBEAT_DOWN_S = PING_EVERY_S * (MISSES_TO_DOWN + 1) + 0.5
 # Longer than psycopg_pool's first four reconnect back-offs together (1+2+4+8 s ± jitter): a pool left
 # to back off on its own would next try at ~31 s and keep callers on 503 well past RECOVERY_S.
 LONG_OUTAGE_S = 17.0
@@ -201,6 +203,9 @@ async def redis_outage(stack: PrivateStack, gw: Gateway, routes: list[tuple[str,
         forwarded = len(gw.fake.requests)
         await asyncio.to_thread(stack.stop_redis)
         try:
+            # Listings make no Redis call of their own: the heartbeat refuses them once it has missed
+            # several PINGs in a row (hysteresis, so one slow PING refuses no one).
+            await asyncio.sleep(HEARTBEAT_DOWN_S)
             answers = {(secret == cached, path): await send(http, gw.url, secret, path, body, method)
                        for secret in (cached, unseen) for method, path, body in routes}
             wrong = {k: (r.status, r.code) for k, r in answers.items()

@@ -41,7 +41,8 @@ class Rig:
         self.failures = InMemoryAuthFailures(failures_per_minute)
         self.feed = SwitchableFeed()
         self.clock = FrozenClock()
-        self.auth = Authenticator(AuthPorts(cache=self.cache, source=self.source, hasher=InstantHasher(),
+        self.hasher = InstantHasher()
+        self.auth = Authenticator(AuthPorts(cache=self.cache, source=self.source, hasher=self.hasher,
                                             failures=self.failures, feed=self.feed, clock=self.clock))
 
     async def add_key(self) -> str:
@@ -108,7 +109,7 @@ class TestAuthenticate:
 
         async def evicting_lookup(prefix: str) -> tuple[str, Principal] | None:
             found = await original(prefix)
-            rig.cache.evict_prefix(prefix)  # a revocation lands while the key is being verified
+            await rig.cache.evict_prefix(prefix)  # a revocation lands while the key is being verified
             return found
 
         rig.source.principal_by_prefix = evicting_lookup  # type: ignore[method-assign]
@@ -136,3 +137,23 @@ class TestModelPolicy:
         clock.advance(6)
         with pytest.raises(ModelNotAllowed):
             policy.authorize(_principal("nz_abcdefghi"), Scope.CHAT, "llama3.1:8b")
+
+
+class TestEqualCost:
+    async def test_unknown_revoked_and_wrong_secret_attempts_all_verify_one_hash(self) -> None:
+        rig = Rig()
+        secret = await rig.add_key()
+        calls: list[str] = []
+        verify = rig.hasher.verify
+
+        async def counting(candidate: str, hashed: str) -> bool:
+            calls.append(hashed)
+            return await verify(candidate, hashed)
+
+        rig.hasher.verify = counting  # type: ignore[method-assign]
+        unknown = "nz_" + "Z" * 43
+        wrong = secret[:12] + ("A" if secret[12] != "A" else "B") + secret[13:]
+        for attempt in (unknown, wrong):
+            with pytest.raises(InvalidApiKey):
+                await rig.auth.authenticate(f"Bearer {attempt}", "ip")
+        assert len(calls) == 2  # the unknown prefix was checked against a dummy hash too
