@@ -24,6 +24,7 @@ import uuid
 from attrs import frozen
 from redis.asyncio import Redis
 
+from adapters.redis.cluster import KeyedScript
 from adapters.redis.errors import redis_guard
 from gateway_core.models import Principal
 from gateway_core.ports import NEGATIVE
@@ -102,9 +103,9 @@ class TieredKeyCache:
         self._evicted_prefix: dict[str, int] = {}
         self._evicted_tenant: dict[int, int] = {}
         self._evicted_all = 0
-        self._mark_script = redis.register_script(_MARK)
-        self._evict_script = redis.register_script(_EVICT)
-        self._fill_script = redis.register_script(_FILL)
+        self._mark_script = KeyedScript(redis, _MARK)
+        self._evict_script = KeyedScript(redis, _EVICT)
+        self._fill_script = KeyedScript(redis, _FILL)
 
     async def mark(self) -> CacheMark:
         local = self._seq

@@ -11,7 +11,7 @@ from functools import partial
 
 from aiohttp import web
 from psycopg_pool import PoolTimeout
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,6 +33,7 @@ from adapters.prometheus import GatewayMetrics
 from adapters.redis.admission import RedisAdmission
 from adapters.redis.admission_view import RedisAdmissionView
 from adapters.redis.auth_failures import RedisAuthFailures
+from adapters.redis.cluster import ping_all
 from adapters.redis.discovery import RedisDiscoveryCache
 from adapters.redis.health import RedisHealth
 from adapters.system_clock import SystemClock
@@ -64,6 +65,12 @@ def make_redis(settings: Settings) -> Redis:
     are not retried (the command may have run; a retry could double a charge; redis-py's default
     would retry them ten times with backoff, far past any caller's patience).
     """
+    if settings.redis_cluster:
+        # REDIS_URL is a seed node; the client learns the slot map from it and follows MOVED/ASK.
+        # Not a Redis subclass, but it offers every command the adapters use (SPEC §4.11).
+        cluster: Redis = RedisCluster.from_url(  # type: ignore[assignment]
+            settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        return cluster
     return Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0,
                           retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
@@ -140,7 +147,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
                 await conn.execute("SELECT 1")
 
         # Each backend by its index, never its URL; Ollama counts as up while one of them answers.
-        checks = {"postgres": pg(), "redis": redis.ping(),
+        checks = {"postgres": pg(), "redis": ping_all(redis),
                   **{f"ollama_{i}": b.version(_READY_TIMEOUT_S) for i, b in enumerate(backends)}}
         results = await asyncio.gather(*(asyncio.wait_for(c, _READY_TIMEOUT_S * 1.5)
                                          for c in checks.values()), return_exceptions=True)
@@ -156,7 +163,7 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         auth=auth, policy=ModelPolicy(discovery, clock), metering=metering,
         observer=RequestObserver(audit, prompts, metrics, settings.prompt_log_default_retention_days),
         readiness=readiness, upstream=router, max_request_bytes=settings.max_request_bytes,
-        confirm_redis=redis_health.confirm)
+        confirm_redis=redis_health.confirm, trusted_proxies=settings.trusted_proxies)
 
     def refresh_gauges() -> None:
         for index, (state, models_open) in enumerate(zip(router.states(), router.open_model_circuits(),

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from attrs import frozen
+from attrs import field, frozen
 from dynaconf import Dynaconf
+
+from adapters.http.client_address import TrustedProxies
 
 
 class SettingsError(Exception):
@@ -42,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     # Not in SPEC §12: where the audit writer spools rows Postgres could not take (SPEC §8.3).
     "AUDIT_SPOOL_DIR": "/var/tmp/neuronetz-gateway",
     "GATEWAY_WORKERS": 1,
+    "REDIS_CLUSTER": "false",
+    "TRUSTED_PROXIES": "",
 }
 
 
@@ -70,7 +74,10 @@ class Settings:
     log_format: str
     log_level: str
     audit_spool_dir: str
-    gateway_workers: int
+    gateway_workers: int = 1
+    # SPEC §4.11; defaults so that code building Settings by hand needs no change.
+    redis_cluster: bool = False
+    trusted_proxies: TrustedProxies = field(factory=TrustedProxies)
 
     @property
     def ollama_base_urls(self) -> tuple[str, ...]:
@@ -157,6 +164,22 @@ def _text(name: str, raw: Any) -> str:
     return value
 
 
+def _bool(name: str, raw: Any) -> bool:
+    value = str(raw).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off", ""):
+        return False
+    raise SettingsError(f"invalid setting {name}={raw!r}: use true or false")
+
+
+def _cidrs(name: str, raw: Any) -> TrustedProxies:
+    try:
+        return TrustedProxies.parse(str(raw))
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting {name}: {exc}") from None
+
+
 _PORT = _int(1, 65535)
 _DAY_S = 86_400.0
 _TTL = _seconds(0.1, 7 * _DAY_S)
@@ -185,6 +208,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "LOG_LEVEL": _choice("debug", "info", "warning", "error"),
     "AUDIT_SPOOL_DIR": _text,
     "GATEWAY_WORKERS": _int(1, 64),
+    "REDIS_CLUSTER": _bool,
+    "TRUSTED_PROXIES": _cidrs,
 }
 
 

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.services import PrivateRedis, as_url, create_database, drop_database
+from tests.services import PrivateRedis, PrivateRedisCluster, as_url, create_database, drop_database
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +32,13 @@ def redis_server() -> Iterator[PrivateRedis]:
 @pytest.fixture(scope="session")
 def redis_url(redis_server: PrivateRedis) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[PrivateRedisCluster]:
+    """A private 3-master Redis Cluster, started only when a test asks for it (SPEC §4.11)."""
+    cluster = PrivateRedisCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from adapters.http import handlers
+from adapters.http.client_address import client_address_of
 from adapters.http.errors import error_response
 from adapters.http.exchange import Exchange, request_id_for
 from adapters.http.typedefs import EXCHANGE, SERVICES, Services, json_response
@@ -31,7 +32,7 @@ _UNAUDITED = frozenset({"/healthz", "/readyz"})
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every response gets X-Request-Id and the §3.3 error shape; every caller request is observed."""
     ex = Exchange(request_id=request_id_for(request), route=request.path,
-                  client_ip=Exchange.client_ip_of(request))
+                  client_ip=client_address_of(request, request.app[SERVICES].trusted_proxies))
     ex.audited = request.match_info.route.resource is not None and request.path not in _UNAUDITED
     request[EXCHANGE] = ex
     try:

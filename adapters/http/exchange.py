@@ -45,11 +45,6 @@ class Exchange:
     # For a 503: which dependency refused and the class of its error (logged, never shown).
     dependency: str | None = None
 
-    @staticmethod
-    def client_ip_of(request: web.Request) -> str:
-        """The one place the caller's address is decided (trusted proxies plug in here)."""
-        return request.remote or ""
-
     @property
     def latency_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000

@@ -7,9 +7,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from attrs import define
+from attrs import define, field
 
 from adapters.circuit import BackendRouter
+from adapters.http.client_address import TrustedProxies
 from adapters.http.exchange import Exchange, Observer
 from gateway_core.forwarding import Forwarding
 from gateway_core.gateway import Authenticator, ModelPolicy
@@ -29,6 +30,7 @@ class Services:
     # Routes that need no Redis command of their own call this, so they fail closed as well.
     confirm_redis: Callable[[], Awaitable[None]]
     forwarding: Forwarding | None = None
+    trusted_proxies: TrustedProxies = field(factory=TrustedProxies)
 
     def __attrs_post_init__(self) -> None:
         if self.forwarding is None:

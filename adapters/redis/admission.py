@@ -23,6 +23,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from adapters.redis.cluster import KeyedScript
 from adapters.redis.errors import redis_guard
 from gateway_core.admission import LEASE_TTL_S, Admission, Denial, Settlement, Ticket, WindowState
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
@@ -145,8 +146,8 @@ class RedisAdmission:
     def __init__(self, redis: Redis, *, redis_time: bool = True) -> None:
         self._redis = redis
         self._redis_time = redis_time
-        # EVALSHA; redis-py loads the script and retries once if the server answers NOSCRIPT.
-        self._script = redis.register_script(_lua_source())
+        # EVALSHA; EVAL once on a node that answers NOSCRIPT (also after a cluster failover).
+        self._script = KeyedScript(redis, _lua_source())
 
     def _now(self, now: float) -> int:
         return _REDIS_TIME if self._redis_time else _ms(now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway_core.errors import DependencyUnavailable
 
@@ -17,4 +17,6 @@ async def redis_guard() -> AsyncIterator[None]:
     except RedisError as exc:
         raise DependencyUnavailable(dependency="redis") from exc
     except OSError as exc:
+        raise DependencyUnavailable(dependency="redis") from exc
+    except RedisClusterException as exc:  # not a RedisError: e.g. a slot left uncovered by a failover
         raise DependencyUnavailable(dependency="redis") from exc

@@ -12,10 +12,9 @@ from typing import Any
 
 import attrs
 import psycopg
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from entrypoints.app import build_app, open_admin
+from entrypoints.app import build_app, make_redis, open_admin
 from entrypoints.settings import Settings, load_settings
 from gateway_core.admin import KEEP
 from gateway_core.limits import Limits
@@ -75,7 +74,7 @@ def gateway_settings(database_url: str, redis_url: str, ollama_url: str, spool_d
 async def running_gateway(settings: Settings, fake: FakeOllama, *, flush_redis: bool = True
                           ) -> AsyncIterator[Gateway]:
     if flush_redis:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = make_redis(settings)  # on a cluster, FLUSHDB goes to every master
         await client.flushdb()
         await client.aclose()
     app = build_app(settings)

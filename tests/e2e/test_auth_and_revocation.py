@@ -17,7 +17,6 @@ from pathlib import Path
 import aiohttp
 import attrs
 import psycopg
-import redis.asyncio as aioredis
 
 from adapters.key_cache import entry_name
 from adapters.redis.auth_failures import RedisAuthFailures
@@ -27,6 +26,7 @@ from gateway_core.api_keys import cache_digest
 from gateway_core.models import Scope
 from tests.e2e.harness import Gateway, gateway_settings, run_cli, running_gateway
 from tests.fake_ollama import FakeOllama
+from tests.services import redis_client
 
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_"
 CHAT = {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -113,7 +113,7 @@ async def console_revoke(gw: Gateway, prefix: str) -> float:
 
 
 async def cached_in_redis(gw: Gateway, secret: str) -> bool:
-    client = aioredis.Redis.from_url(gw.settings.redis_url)
+    client = redis_client(gw.settings.redis_url)
     try:
         return bool(await client.exists(entry_name(cache_digest(secret))))
     finally:
@@ -379,7 +379,7 @@ async def test_failed_authentication_is_limited_per_address_before_any_hash(
 
 async def test_the_retry_after_of_an_auth_block_is_honest(redis_url: str) -> None:
     """Waiting exactly Retry-After gets the address unblocked, and not much later than it could be."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     failures = RedisAuthFailures(client, per_minute=5)
     try:
         minute = 60 * (int(time.time() // 60) + 10_000)  # a private stretch of (fabricated) time

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from gateway_core.limits import Limits
 from tests.e2e.harness import Gateway, gateway_settings
 from tests.fake_ollama import count_chat_prompt_tokens
-from tests.services import free_port
+from tests.services import free_port, redis_client
 
 CHAT = "/v1/chat/completions"
 
@@ -205,7 +205,7 @@ class TestBudgets:
             before = [await _post(http, gateway.url, secret, body=body) for _ in range(2)]
             spent = sum(b["usage"]["total_tokens"] for s, _, b in before if s == 200)
             await _ledger(gateway, prefix)
-            client = aioredis.Redis.from_url(gateway.settings.redis_url)
+            client = redis_client(gateway.settings.redis_url)
             await client.flushall()
             await client.aclose()
             after: list[int] = []

@@ -17,7 +17,7 @@ from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Budget, Period
 from gateway_core.errors import DependencyUnavailable
 from gateway_core.limits import Limits
 from tests.fake_admission import InMemoryAdmission
-from tests.services import free_port
+from tests.services import free_port, redis_client
 
 MINUTE = 1_789_999_980.0  # 2026-09-21 14:13:00 UTC, on a minute boundary
 
@@ -68,7 +68,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "fake":
         yield FakeHarness()
         return
-    redis = Redis.from_url(request.getfixturevalue("redis_url"))
+    redis = redis_client(request.getfixturevalue("redis_url"))
     try:
         yield RedisHarness(redis)
     finally:
@@ -426,7 +426,7 @@ class TestBudget:
         self, request: pytest.FixtureRequest, harness: Harness, tenant: int
     ) -> None:
         # Two stores, as two replicas would be; for Redis each with its own client.
-        second = Redis.from_url(request.getfixturevalue("redis_url"))
+        second = redis_client(request.getfixturevalue("redis_url"))
         replica = RedisAdmission(second, redis_time=False) if isinstance(harness, RedisHarness) \
             else harness.store
         budget = Budget(total=2050)
@@ -517,7 +517,7 @@ class TestRedisTime:
 
 class TestFakeMatchesRedis:
     async def test_a_random_workload_gets_identical_answers(self, redis_url: str) -> None:
-        redis, fake = Redis.from_url(redis_url), FakeHarness()
+        redis, fake = redis_client(redis_url), FakeHarness()
         real = RedisHarness(redis)
         rng, tenant, now = random.Random(20260921), uuid.uuid4().int % 10**9, MINUTE
         tenant_limits = Limits(rpm=7, tpm=3500, concurrent=6)
