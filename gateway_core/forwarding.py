@@ -198,9 +198,10 @@ class Forwarding:
                       else grant.ticket.prompt_tokens)
             completion = (relayed.completion_tokens if relayed.completion_tokens is not None
                           else estimate_chunks(relayed.chunks))
+            # Settled first: a caller cancelled while the breaker records must not lose the charge.
+            await self._settle(grant, delivery, prompt, completion)
             if relayed.failed:
                 await lane.record(Outcome.MODEL_FAILED)
-            await self._settle(grant, delivery, prompt, completion)
 
     async def _settle(self, grant: Grant, delivery: Delivery, prompt: int, completion: int) -> None:
         delivery.charged(prompt, completion)

@@ -16,6 +16,15 @@ from attrs import frozen
 
 from gateway_core.errors import InvalidRequest
 from gateway_core.models import Scope
+from gateway_core.request_fields import (
+    FIELD_TYPES,
+    FORWARDED_OPTIONS,
+    MESSAGE_TYPES,
+    OPTION_TYPES,
+    TYPED_FIELDS,
+    FieldType,
+    mistyped,
+)
 from gateway_core.tokens import estimate_inputs, estimate_messages
 
 MAX_DEPTH = 64
@@ -41,7 +50,7 @@ _SERVER_CONTROLS = ("keep_alive", "_debug_render_only")
 # spelling is accepted, so what the gateway judged is what Ollama binds.
 _CONTROLLED = frozenset({"model", "stream", "stream_options", "options", "keep_alive", "max_tokens",
                          "max_completion_tokens", "num_predict", "_debug_render_only", "messages",
-                         "prompt", "input", "suffix", "system"}) | RUNNER_OPTIONS
+                         "prompt", "input", "suffix", "system"}) | RUNNER_OPTIONS | TYPED_FIELDS
 _CONTROLLED_OPTIONS = frozenset({"num_predict"}) | RUNNER_OPTIONS
 _MESSAGE_FIELDS = frozenset({"role", "content"})
 # A message whose keys are all among these exact spellings cannot hold a folded twin: the common
@@ -125,9 +134,11 @@ class CallerRequest:
                 else:
                     out.pop("stream_options", None)
         else:
-            options = {k: v for k, v in (out.get("options") or {}).items() if k not in RUNNER_OPTIONS}
+            # Only the documented per-request options go on: runner options would reload the model
+            # for everyone, and an unknown key may be one in some backend build.
+            options = {k: v for k, v in (out.get("options") or {}).items() if k in FORWARDED_OPTIONS}
+            options.pop("num_predict", None)  # embeddings generate nothing: no cap to send
             if route.kind is not Kind.EMBEDDING:
-                options.pop("num_predict", None)
                 if cap is not None:
                     options["num_predict"] = cap
                 out["stream"] = self.stream
@@ -173,6 +184,8 @@ def decode(raw: bytes) -> Any:
 
 def _check_depth(data: Any) -> None:
     # Iterative, descending only into containers: json.loads has already paid for the values.
+    if type(data) is not dict and type(data) is not list:
+        return  # a scalar: refused as "not an object" by the caller of decode
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         node, depth = stack.pop()
@@ -196,6 +209,13 @@ def _check_keys(obj: dict[str, Any], controlled: dict[str, str], where: str) -> 
         exact = controlled.get(folded)
         if exact is not None and exact != key:
             raise InvalidRequest(f"Unknown key '{key}'{where}; the field is spelled '{exact}'.", param=key)
+
+
+def _check_types(obj: dict[str, Any], types: dict[str, FieldType], prefix: str) -> None:
+    found = mistyped(obj, types)
+    if found is not None:
+        name, expected = found
+        raise InvalidRequest(f"'{prefix}{name}' must be {expected.described}.", param=prefix + name)
 
 
 def _whole(value: Any, name: str) -> int:
@@ -254,11 +274,18 @@ def parse_request(route: Route, raw: bytes) -> CallerRequest:
         if not isinstance(options, dict):
             raise InvalidRequest("'options' must be an object.", param="options")
         _check_keys(options, _OPTIONS_FOLDED, " in 'options'")
+    _check_types(body, FIELD_TYPES[route.path], "")
+    if options is not None:
+        _check_types(options, OPTION_TYPES, "options.")
     messages = body.get("messages")
     if isinstance(messages, list):
-        for message in messages:
-            if type(message) is dict and not _PLAIN_MESSAGE_KEYS.issuperset(message):
-                _check_keys(message, _MESSAGE_FOLDED, " in a message")
+        typed = MESSAGE_TYPES[route.framing.value] if route.kind is Kind.CHAT else None
+        for index, message in enumerate(messages):
+            if type(message) is dict:
+                if not _PLAIN_MESSAGE_KEYS.issuperset(message):
+                    _check_keys(message, _MESSAGE_FOLDED, " in a message")
+                if typed is not None:
+                    _check_types(message, typed, f"messages[{index}].")
     stream = False
     if route.kind is not Kind.EMBEDDING:
         stream_value = body.get("stream")

@@ -460,6 +460,15 @@ def _check_options(options: Mapping[str, Any]) -> None:
             raise _ApiError(500, f'option "{key}" must be of type array of strings')
 
 
+def _check_format(value: Any) -> None:
+    """Ollama's runner accepts "json", a schema object, or "" / null; anything else fails the completion,
+    which the handler reports as a 500 (before any byte, so also for a stream)."""
+    if value is None or value in ("", "json") or isinstance(value, dict):
+        return
+    shown = json.dumps(json.dumps(value, separators=(",", ":")))  # Go's %q of the raw JSON
+    raise _ApiError(500, f'invalid format: {shown}; expected "json" or a valid JSON Schema object')
+
+
 # Set per request from FakeOllama.spaced_json: write `"key": value` with spaces, as Ollama-compatible
 # servers and re-serializing proxies (Python's json.dumps defaults) do. Same JSON, other bytes.
 _SPACED: contextvars.ContextVar[bool] = contextvars.ContextVar("fake_ollama_spaced", default=False)
@@ -977,6 +986,10 @@ class FakeOllama:
         _check_options(options)
         return installed
 
+    @staticmethod
+    def _check_native_generation(req: Mapping[str, Any]) -> None:
+        _check_format(req.get("format"))
+
     def _plan(self, num_predict: Any) -> tuple[int, str]:
         """(output tokens, done_reason) given ``num_predict`` (None or negative = unlimited)."""
         natural = max(0, int(self.completion_tokens))
@@ -1071,6 +1084,7 @@ class FakeOllama:
         installed = self._check_generation_model(model, "chat", options, req.get("tools"), req.get("think"))
         if not messages:  # just load (or unload) the model, no generation
             return await self._load_reply(installed, model, req.get("keep_alive"), chat=True)
+        self._check_native_generation(req)
         n, reason = self._plan(options.get("num_predict"))
         stream = req.get("stream")
         return await self._native_generation(
@@ -1100,6 +1114,7 @@ class FakeOllama:
         prompt = req.get("prompt") or ""
         if not prompt:
             return await self._load_reply(installed, model, req.get("keep_alive"), chat=False)
+        self._check_native_generation(req)
         n, reason = self._plan(options.get("num_predict"))
         stream = req.get("stream")
         return await self._native_generation(

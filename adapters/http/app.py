@@ -54,6 +54,11 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
                    exc_info=exc)
         resp = error_response(InternalError())
         ex.status = 500
+    if ex.stream is not None and ex.stream.prepared and resp is not ex.stream:
+        # The stream's status and headers are on the wire already: it stays the response (it was
+        # ended with an error frame), and the audit keeps the status decided above.
+        ex.status = ex.status or resp.status
+        resp = ex.stream
     if not resp.prepared:
         resp.headers["X-Request-Id"] = ex.request_id
         for name, value in ex.headers.items():

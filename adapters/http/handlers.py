@@ -14,10 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from adapters.http.exchange import Exchange
-from adapters.http.relay import ClientGone, relay_ndjson, relay_sse
+from adapters.http.relay import ClientGone, end_with_error, relay_ndjson, relay_sse
 from adapters.http.typedefs import EXCHANGE, SERVICES, Services, json_response
 from gateway_core.errors import (
     DependencyUnavailable,
+    InternalError,
     InvalidRequest,
     ModelNotAllowed,
     ModelNotFound,
@@ -96,7 +97,7 @@ class HttpDelivery:
         out = web.StreamResponse(status=200, headers={
             **ex.headers, "X-Request-Id": ex.request_id, "Cache-Control": "no-cache",
             "Content-Type": "text/event-stream" if sse else "application/x-ndjson"})
-        self.response = out
+        self.response = ex.stream = out
         if ex.prompt_text is not None:
             relayed.text = []
         try:
@@ -110,6 +111,12 @@ class HttpDelivery:
             relayed.client_gone = True
         except asyncio.CancelledError:
             relayed.client_gone = True
+            raise
+        except Exception:
+            # A fault of ours mid-stream: the caller gets the route's error frame rather than a silent
+            # end; the middleware logs and audits it as a 500, the use case settles what was relayed.
+            if out.prepared:
+                await end_with_error(out, InternalError(), sse=sse)
             raise
         finally:
             if relayed.text is not None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from adapters.http.errors import error_bytes
-from gateway_core.errors import UpstreamUnavailable
+from gateway_core.errors import GatewayError, UpstreamUnavailable
 from gateway_core.forwarding import Relayed
 from gateway_core.ports import UpstreamAnswer
 
@@ -113,7 +113,7 @@ async def relay_sse(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed
             _collect_sse_text(kept, result.text)
         return b"data: " + kept + b"\n\n", False
 
-    await _relay(up, out, result, b"\n\n", handle, b"data: " + error_bytes(_midstream_error()) + b"\n\n")
+    await _relay(up, out, result, b"\n\n", handle, error_frame(_midstream_error(), sse=True))
 
 
 def _usage_from_sse(payload: bytes, result: Relayed, caller_wants_usage: bool) -> bytes | None:
@@ -148,7 +148,7 @@ def _collect_sse_text(payload: bytes, sink: list[str]) -> None:
 
 
 async def relay_ndjson(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed) -> None:
-    await _relay(up, out, result, b"\n", _native_line, _ndjson_error_line(_midstream_error()))
+    await _relay(up, out, result, b"\n", _native_line, error_frame(_midstream_error(), sse=False))
 
 
 def _native_line(raw: bytes, result: Relayed) -> tuple[bytes | None, bool]:
@@ -194,7 +194,21 @@ def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def _ndjson_error_line(exc: UpstreamUnavailable) -> bytes:
+def error_frame(exc: GatewayError, *, sse: bool) -> bytes:
+    """The route's in-stream error frame: an SDK that reads it raises instead of keeping a cut answer."""
+    return b"data: " + error_bytes(exc) + b"\n\n" if sse else _ndjson_error_line(exc)
+
+
+async def end_with_error(out: web.StreamResponse, exc: GatewayError, *, sse: bool) -> None:
+    """Best effort: end a started stream with *exc*'s frame (the caller may be gone already)."""
+    try:
+        await out.write(error_frame(exc, sse=sse))
+        await out.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass
+
+
+def _ndjson_error_line(exc: GatewayError) -> bytes:
     """The in-stream error line in Ollama's native form: `error` is a string, with the §3.3 code beside it.
 
     Native clients read `part["error"]` as the message (ollama-python passes it to ResponseError, which
@@ -204,7 +218,9 @@ def _ndjson_error_line(exc: UpstreamUnavailable) -> bytes:
     return json.dumps({"error": exc.message, "code": exc.code}, separators=(",", ":")).encode() + b"\n"
 
 
-def _collect_native_text(chunk: dict[str, object], sink: list[str]) -> None:
+def _collect_native_text(chunk: object, sink: list[str]) -> None:
+    if not isinstance(chunk, dict):
+        return  # not a chunk of Ollama's: relayed as it came, it holds no text of ours to log
     message = chunk.get("message")
     piece = message.get("content") if isinstance(message, dict) else chunk.get("response")
     if isinstance(piece, str):

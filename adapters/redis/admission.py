@@ -184,9 +184,6 @@ class RedisAdmission:
         if not tickets:
             return
         async with redis_guard():
-            pipe = self._redis.pipeline(transaction=False)
-            for ticket in tickets:
-                await self._script(keys=_keys(ticket),
-                                   args=["renew", self._now(now), ticket.lease_id, _ms(LEASE_TTL_S)],
-                                   client=pipe)
-            await pipe.execute()
+            await self._script.run_many([
+                (_keys(ticket), ["renew", self._now(now), ticket.lease_id, _ms(LEASE_TTL_S)])
+                for ticket in tickets])

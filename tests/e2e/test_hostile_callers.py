@@ -17,7 +17,9 @@ import ollama
 import pytest
 import structlog
 
+from adapters.http import relay
 from adapters.http.typedefs import SERVICES
+from gateway_core.breaker import CircuitState
 from gateway_core.errors import DependencyUnavailable
 from gateway_core.limits import Limits
 from gateway_core.request import fold
@@ -371,3 +373,156 @@ async def test_a_redis_failure_at_settlement_still_delivers_the_answer(gateway: 
         assert status == 200
     usage = answer["prompt_eval_count"] + answer["eval_count"]
     assert int(first["X-Budget-Tokens-Remaining"]) - int(second["X-Budget-Tokens-Remaining"]) == usage
+
+
+def _mistyped(route: str) -> list[tuple[dict[str, Any], str]]:
+    """(body, the field the 400 must name): values of a type the backend does not take. On the
+    native routes a wrongly typed option or format is a 500 from Ollama, i.e. a breaker failure."""
+    base: dict[str, Any] = ({"model": "nomic-embed-text:latest", "input": "hi"} if route == "/api/embed"
+                            else {"model": "nomic-embed-text:latest", "prompt": "hi"}
+                            if route == "/api/embeddings" else _base(route))
+    shapes: list[tuple[dict[str, Any], str]] = [
+        ({**base, "options": {"seed": {}}}, "options.seed"),
+        ({**base, "options": {"temperature": "hot"}}, "options.temperature"),
+        ({**base, "options": {"top_k": 1.5}}, "options.top_k"),
+        ({**base, "options": {"top_p": True}}, "options.top_p"),
+        ({**base, "options": {"stop": "\n"}}, "options.stop"),
+        ({**base, "options": {"stop": ["a", 1]}}, "options.stop"),
+    ]
+    if route in ("/api/chat", "/api/generate"):
+        shapes += [
+            ({**base, "format": "xml"}, "format"),
+            ({**base, "format": 5}, "format"),
+            ({**base, "format": "xml", "stream": True}, "format"),
+            ({**base, "think": "very"}, "think"),
+        ]
+    if route == "/api/chat":
+        shapes += [
+            ({**base, "messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages[0].content"),
+            ({**base, "messages": ["hi"]}, "messages"),
+            ({**base, "messages": [{"role": "user", "content": "hi", "images": [1]}]}, "messages[0].images"),
+        ]
+    if route == "/api/generate":
+        shapes += [({**base, "prompt": ["hi"]}, "prompt"), ({**base, "context": ["x"]}, "context")]
+    if route == "/api/embed":
+        shapes += [({**base, "input": [1, 2]}, "input"), ({**base, "dimensions": "8"}, "dimensions")]
+    if route == "/api/embeddings":
+        shapes += [({**base, "prompt": 7}, "prompt")]
+    return shapes
+
+
+@pytest.mark.parametrize("route", ["/api/chat", "/api/generate", "/api/embed", "/api/embeddings"])
+async def test_wrongly_typed_fields_are_a_400_and_never_reach_the_breaker(
+        database_url: str, redis_url: str, tmp_path: Any, route: str) -> None:
+    """The schemathesis finding: `{"options":{"seed":{}}}` was forwarded, Ollama answered 500, and the
+    caller got a 502 that counted against the circuit, so one caller could open it for everyone."""
+    async with FakeOllama(models=[MODEL, "nomic-embed-text:latest"]) as fake:
+        settings = gateway_settings(database_url, redis_url, fake.url, tmp_path, circuit_failure_threshold=2)
+        async with running_gateway(settings, fake) as gw, aiohttp.ClientSession() as http:
+            secret, _, _ = await gw.key(key_limits=Limits(concurrent=1))
+            breaker = gw.app[SERVICES].breaker
+            gw.fake.requests.clear()
+            for body, field in _mistyped(route):
+                status, headers, payload = await _post(http, gw.url + route, secret, body)
+                assert status == 400, (body, status, payload)
+                assert_error(payload, "invalid_request")
+                assert payload["error"]["param"] == field and field in payload["error"]["message"], payload
+                assert "X-RateLimit-Remaining-Requests" in headers
+            assert upstream(gw) == [], "a wrongly typed body reached the upstream"
+            assert breaker.state() is CircuitState.CLOSED
+            # Nothing admitted (concurrent=1), the circuit closed: the next valid request is served.
+            valid = _mistyped(route)[0][0]
+            valid["options"] = {"seed": 7, "temperature": 0.5, "stop": ["\n"], "top_k": 40.0}
+            status, _, payload = await _post(http, gw.url + route, secret, valid)
+            assert status == 200, payload
+            [sent] = upstream(gw)
+            assert sent["json"]["options"]["seed"] == 7 and sent["json"]["options"]["stop"] == ["\n"]
+
+
+@pytest.mark.parametrize("raw", [b"null", b"1", b'"x"', b"true", b"[]", b"[{}]", b"{}"])
+async def test_a_body_that_is_not_an_object_with_a_model_is_a_400_not_a_500(gateway: Gateway,
+                                                                           raw: bytes) -> None:
+    secret, _, _ = await gateway.key(models=(MODEL,))
+    async with aiohttp.ClientSession() as http:
+        for route in ("/v1/chat/completions", "/api/chat", "/api/embed"):
+            status, headers, payload = await _post(http, gateway.url + route, secret, raw)
+            assert status == 400, (route, raw, payload)
+            assert_error(payload, "invalid_request")
+            assert headers.get("X-Request-Id")
+    assert upstream(gateway) == []
+
+
+async def test_unknown_options_are_not_forwarded_and_known_ones_are(gateway: Gateway) -> None:
+    secret, _, _ = await gateway.key(models=(MODEL,))
+    body = {**_base("/api/chat"), "options": {"temperature": 0.2, "min_p": 0.05, "stop": ["x"],
+                                              "kv_cache_type": "q4_0", "spec_type": "draft", "num_ctx": 4}}
+    async with aiohttp.ClientSession() as http:
+        status, _, payload = await _post(http, gateway.url + "/api/chat", secret, body)
+    assert status == 200, payload
+    [sent] = upstream(gateway)
+    assert sent["json"]["options"] == {"temperature": 0.2, "min_p": 0.05, "stop": ["x"]}
+
+
+async def test_upstream_4xx_never_counts_against_the_breaker_and_5xx_does(
+        database_url: str, redis_url: str, tmp_path: Any) -> None:
+    async with FakeOllama(models=[MODEL]) as fake:
+        settings = gateway_settings(database_url, redis_url, fake.url, tmp_path, circuit_failure_threshold=2)
+        async with running_gateway(settings, fake) as gw, aiohttp.ClientSession() as http:
+            secret, _, _ = await gw.key(models=(MODEL,))
+            breaker = gw.app[SERVICES].breaker
+            url = gw.url + "/v1/chat/completions"
+            # Forwarded, and refused by the backend itself (400): the caller's fault, not the backend's.
+            for _ in range(4):
+                status, _, payload = await _post(http, url, secret, {"model": MODEL, "messages": []})
+                assert status == 400, payload
+                assert_error(payload, "invalid_request")
+            assert len(upstream(gw)) == 4
+            assert breaker.state() is CircuitState.CLOSED
+            status, _, _ = await _post(http, url, secret, {"model": MODEL, "messages": MESSAGES})
+            assert status == 200
+            fake.fail_mode = "500"
+            for _ in range(2):
+                status, _, _ = await _post(http, url, secret, {"model": MODEL, "messages": MESSAGES})
+                assert status == 502
+            assert breaker.state() is CircuitState.OPEN
+
+
+@pytest.mark.parametrize("route", ["/api/chat", "/v1/chat/completions"])
+async def test_a_fault_after_the_stream_started_is_framed_settled_audited_and_logged(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    """Headers are on the wire: no second response on the connection, but the route's error frame;
+    the stream is settled (the slot is free), audited as a 500 and logged once with the traceback."""
+    secret, _, _ = await gateway.key(models=(MODEL,), key_limits=Limits(concurrent=1),
+                                     budget={"daily": 50_000})
+    native = route.startswith("/api/")
+    handler = "_native_line" if native else "_usage_from_sse"
+    real = getattr(relay, handler)
+    seen = {"n": 0}
+
+    def fails_on_the_third(*args: Any, **kwargs: Any) -> Any:
+        seen["n"] += 1
+        if seen["n"] == 3:
+            raise RuntimeError("injected fault mid-stream")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(relay, handler, fails_on_the_third)
+    rid = f"hostile-{uuid.uuid4().hex}"
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        with structlog.testing.capture_logs() as logs:
+            async with http.post(gateway.url + route, json=body,
+                                 headers={**bearer(secret), "X-Request-Id": rid}) as resp:
+                assert resp.status == 200 and resp.headers["X-Request-Id"] == rid
+                text = (await resp.read()).decode()
+            row = await audit_row(gateway, rid)  # written once the handler is done, after the log event
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        error = json.loads(last if native else last.removeprefix("data: "))
+        assert (error["code"] if native else error["error"]["code"]) == "internal_error", text
+        assert "injected" not in text
+        assert row["status"] == 500 and row["tokens_in"] > 0
+        logged = [e for e in logs if e.get("request_id") == rid and e["event"] == "internal_error"]
+        assert len(logged) == 1 and "injected fault" in str(logged[0].get("exc_info"))
+        monkeypatch.undo()
+        # Settled, not leaked: with concurrent=1 the next request is served.
+        status, _, _ = await _post(http, gateway.url + "/api/chat", secret, _base("/api/chat"))
+        assert status == 200

@@ -81,7 +81,7 @@ def live(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFac
 
 
 @schema.parametrize()
-@settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=40, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=list(HealthCheck))
 def test_gateway_keeps_the_documented_contract(case: schemathesis.Case, live: dict[str, str]) -> None:
     case.call_and_validate(base_url=live["base_url"], headers={"Authorization": f"Bearer {live['key']}"},

@@ -274,6 +274,18 @@ async def test_native_request_errors(fake: FakeOllama, session: aiohttp.ClientSe
             'option "temperature" must be of type float32',
         ),
         (
+            "/api/chat",
+            {"model": "qwen3:8b", "messages": CHAT_MESSAGES, "stream": True, "format": "xml"},
+            500,
+            'invalid format: "\\"xml\\""; expected "json" or a valid JSON Schema object',
+        ),
+        (
+            "/api/generate",
+            {"model": "qwen3:8b", "prompt": "x", "format": 5},
+            500,
+            'invalid format: "5"; expected "json" or a valid JSON Schema object',
+        ),
+        (
             "/api/generate",
             {"model": "qwen3:8b", "prompt": "x", "raw": True, "system": "s"},
             400,

@@ -12,6 +12,7 @@ from gateway_core.admission import Settlement, Ticket
 from gateway_core.budget import Budget, Period
 from gateway_core.errors import (
     DependencyUnavailable,
+    InvalidRequest,
     ModelNotAllowed,
     UpstreamUnavailable,
     UpstreamUnreachable,
@@ -23,6 +24,7 @@ from gateway_core.models import Principal, Scope
 from gateway_core.ports import UpstreamAnswer
 from gateway_core.request import ROUTES, CallerRequest, parse_request
 from gateway_core.routing import Outcome
+from gateway_core.tokens import estimate_chunks
 from tests.fakes import (
     FrozenClock,
     InMemoryAdmission,
@@ -298,3 +300,67 @@ class TestSeveralBackends:
             await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
         assert first.outcomes == [Outcome.MODEL_FAILED] and second.sent == []
         rig.assert_ended_once(delivery)
+
+
+class BrokenRelay(Recorder):
+    """Relays chunks, then breaks: the upstream (failed) or a fault of the gateway's own."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    async def relay(self, answer: UpstreamAnswer, relayed: Relayed) -> None:
+        async for _ in answer.chunks():
+            relayed.chunks += 1
+        if self.how == "upstream":
+            relayed.failed = True
+            return
+        raise RuntimeError("a bug after the first byte")
+
+
+class StickyUpstream(ScriptedUpstream):
+    """Records a failure only after a while: the caller can be cancelled meanwhile."""
+
+    def __init__(self, answer: ScriptedAnswer) -> None:
+        super().__init__(answer)
+        self.entered = asyncio.Event()
+
+    async def record(self, outcome: Outcome) -> None:
+        if outcome is not Outcome.OK:
+            self.entered.set()
+            await asyncio.sleep(3600)
+        await super().record(outcome)
+
+
+async def test_a_broken_stream_is_charged_its_chunks_even_if_the_caller_is_cancelled_meanwhile() -> None:
+    sticky = StickyUpstream(ScriptedAnswer(chunks=[b"a", b"b", b"c"]))
+    rig = Rig(sticky)
+    delivery = BrokenRelay("upstream")
+    task = asyncio.create_task(rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery))
+    await asyncio.wait_for(sticky.entered.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert delivery.grant is not None
+    assert delivery.charges == [(delivery.grant.ticket.prompt_tokens, estimate_chunks(3))]
+    rig.assert_ended_once(delivery)
+
+
+async def test_a_fault_after_the_first_byte_is_settled_once_and_is_not_an_upstream_failure() -> None:
+    rig = Rig(ScriptedUpstream(ScriptedAnswer(chunks=[b"a", b"b"])))
+    delivery = BrokenRelay("gateway")
+    with pytest.raises(RuntimeError):
+        await rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery)
+    assert delivery.grant is not None
+    assert charged(rig) == [(5, rig.clock.now(), delivery.grant.ticket.prompt_tokens, estimate_chunks(2))]
+    assert rig.upstream.outcomes == [Outcome.OK]  # the upstream answered; the fault was ours
+    rig.assert_ended_once(delivery)
+
+
+async def test_an_upstream_400_is_the_callers_error_and_not_a_breaker_failure() -> None:
+    rig, delivery = Rig(ScriptedUpstream(ScriptedAnswer(status=400))), Recorder()
+    with pytest.raises(InvalidRequest):
+        await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+    assert rig.upstream.outcomes == [Outcome.OK] and rig.ledger.entries == []
+    rig.assert_ended_once(delivery)
+    assert await rig.slot_is_free()

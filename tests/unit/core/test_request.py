@@ -74,3 +74,49 @@ def test_the_smaller_cap_binds_and_a_budget_cap_never_goes_below_one() -> None:
     sent = json.loads(native.upstream_body("m:latest", 300))
     assert sent["options"] == {"num_predict": 300} and "keep_alive" not in sent
     assert json.loads(native.upstream_body("m:latest", None)).get("options") is None
+
+
+GENERATE = ROUTES["/api/generate"]
+EMBED = ROUTES["/api/embed"]
+
+
+@pytest.mark.parametrize("route,body,param", [
+    (CHAT, {**BASE, "options": {"seed": {}}}, "options.seed"),
+    (CHAT, {**BASE, "options": {"temperature": "hot"}}, "options.temperature"),
+    (CHAT, {**BASE, "options": {"top_k": 2.5}}, "options.top_k"),
+    (CHAT, {**BASE, "options": {"repeat_penalty": False}}, "options.repeat_penalty"),
+    (CHAT, {**BASE, "options": {"stop": [1]}}, "options.stop"),
+    (CHAT, {**BASE, "format": "yaml"}, "format"),
+    (CHAT, {**BASE, "think": "ultra"}, "think"),
+    (CHAT, {**BASE, "tools": [1]}, "tools"),
+    (CHAT, {**BASE, "messages": [{"role": "user", "content": ["a"]}]}, "messages[0].content"),
+    (CHAT, {**BASE, "messages": [{"role": 1, "content": "a"}]}, "messages[0].role"),
+    (V1, {**BASE, "temperature": "1"}, "temperature"),
+    (V1, {**BASE, "stop": [None]}, "stop"),
+    (V1, {**BASE, "seed": 0.5}, "seed"),
+    (GENERATE, {"model": "m", "prompt": {"a": 1}}, "prompt"),
+    (GENERATE, {"model": "m", "prompt": "a", "raw": "yes"}, "raw"),
+    (EMBED, {"model": "m", "input": [["a"]]}, "input"),
+])
+def test_documented_types_are_checked_naming_the_field(route: Any, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        _parse(body, route)
+    assert caught.value.param == param and param in caught.value.message
+
+
+@pytest.mark.parametrize("raw", [b"null", b"0", b'"s"', b"false", b"[]"])
+def test_a_scalar_or_list_body_is_a_400(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_request(CHAT, raw)
+
+
+def test_well_typed_values_pass_and_only_documented_options_are_forwarded() -> None:
+    req = _parse({**BASE, "format": {"type": "object"}, "think": "high", "options": {
+        "seed": 3.0, "temperature": 1, "stop": [], "top_p": None, "mirostat": 2, "kv_cache_type": "q4_0",
+        "num_ctx": 8}})
+    sent = json.loads(req.upstream_body("m:latest", None))
+    assert sent["options"] == {"seed": 3.0, "temperature": 1, "stop": [], "top_p": None}
+    assert sent["format"] == {"type": "object"} and sent["think"] == "high"
+    embed = _parse({"model": "m", "input": ["a", "b"], "options": {"num_predict": "x", "temperature": 0}},
+                   EMBED)
+    assert json.loads(embed.upstream_body("m:latest", None))["options"] == {"temperature": 0}
