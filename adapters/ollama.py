@@ -1,4 +1,5 @@
-"""OllamaBackend: one pooled aiohttp client for the only upstream paths the gateway may call."""
+"""OllamaBackend: one pooled aiohttp client per Ollama server, for the only upstream paths the gateway
+may call. Choosing among several servers is adapters/circuit.py's job."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway_core.errors import UpstreamUnavailable
+from gateway_core.errors import UpstreamUnavailable, UpstreamUnreachable
 
 # SPEC §3.2: the gateway calls Ollama only on this explicit allowlist.
 ALLOWED_UPSTREAM: frozenset[tuple[str, str]] = frozenset({
@@ -94,6 +95,9 @@ class OllamaBackend:
         try:
             resp = await self._session.request(method, self._base_url + path, data=body, headers=headers,
                                                timeout=timeout or self._timeout, allow_redirects=False)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # No connection was made, so nothing was sent: safe to try another backend (SPEC §4.10).
+            raise UpstreamUnreachable(retry_after_s=1.0) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(retry_after_s=1.0) from exc
         try:
@@ -109,12 +113,6 @@ class OllamaBackend:
                 resp.release()
             else:
                 resp.close()
-
-    @asynccontextmanager
-    async def post(self, path: str, body: bytes) -> AsyncIterator[OllamaAnswer]:
-        """The Upstream port (gateway_core.ports.Upstream)."""
-        async with self.open("POST", path, body) as resp:
-            yield OllamaAnswer(resp)
 
     async def get_json(self, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
         async with self.open("GET", path, timeout_s=timeout_s) as resp:

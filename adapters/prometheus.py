@@ -10,6 +10,8 @@ from aiohttp import web
 from aioprometheus import Counter, Gauge, Histogram, Registry, render
 from attrs import frozen
 
+from gateway_core.routing import Outcome
+
 UNKNOWN = "-"
 # The tables the batched writers fill; their series exist from the start, so alerts see a 0.
 WRITER_TABLES = ("audit_log", "budget_usage", "prompt_log")
@@ -40,8 +42,14 @@ class GatewayMetrics:
             "gateway_request_duration_seconds", "Time from request to the end of the response.",
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        # Upstream series carry a `backend` label: the index in OLLAMA_BASE_URL, never a URL.
         self.circuit_open = Gauge("gateway_circuit_state",
-                                  "Upstream circuit: 0 closed, 1 half-open, 2 open.", registry=self.registry)
+                                  "Backend circuit: 0 closed, 1 half-open, 2 open.", registry=self.registry)
+        self.model_circuits_open = Gauge("gateway_model_circuits_open",
+                                         "Models whose own circuit (5xx answers) is open or half-open.",
+                                         registry=self.registry)
+        self.upstream_requests = Counter("gateway_upstream_requests_total",
+                                         "Upstream calls by backend and outcome.", registry=self.registry)
         self.discovery_age = Gauge("gateway_discovery_age_seconds",
                                    "Seconds since model discovery last succeeded (-1: never).",
                                    registry=self.registry)
@@ -55,6 +63,7 @@ class GatewayMetrics:
                                   registry=self.registry)
         self.spool_bytes = Gauge("gateway_spool_bytes", "Bytes waiting in a writer's spool file.",
                                  registry=self.registry)
+        self._upstream_keys: dict[tuple[int, Outcome], bytes] = {}
         for table in WRITER_TABLES:
             self.observe_writer(table, 0, 0, 0)
 
@@ -65,6 +74,17 @@ class GatewayMetrics:
         self.spool_bytes.set(labels, float(spool_bytes))
         self.rows_rejected.set(labels, float(rejected))
         self._series: dict[tuple[str | None, str | None, int], _Series] = {}
+
+    def observe_upstream(self, backend: int, outcome: Outcome) -> None:
+        """One upstream call ended; on every request, so its sample key is computed once (as observe)."""
+        key = self._upstream_keys.get((backend, outcome))
+        if key is None:
+            labels = {"backend": str(backend), "outcome": outcome.value}
+            self.upstream_requests._check_labels(labels)
+            key = self.upstream_requests.values.__keytransform__(labels)
+            self._upstream_keys[(backend, outcome)] = key
+        store = self.upstream_requests.values.store
+        store[key] = store.get(key, 0) + 1
 
     def observe(self, tenant: str | None, model: str | None, status: int, tokens_in: int, tokens_out: int,
                 seconds: float) -> None:

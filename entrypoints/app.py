@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from adapters.argon2_hasher import Argon2Hasher
-from adapters.circuit import CircuitGate
+from adapters.circuit import BackendRouter
 from adapters.discovery import Discovery
 from adapters.http.app import SERVICES, Services, make_web_app
 from adapters.key_cache import TieredKeyCache
@@ -118,13 +118,15 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     pool = make_pool(settings.database_url, min_size=2, max_size=10, timeout_s=2.0)
     await pool.open(wait=False)
     redis = make_redis(settings)
-    backend = OllamaBackend(settings.ollama_base_url, timeout_s=settings.upstream_timeout_s)
-    await backend.start()
+    backends = [OllamaBackend(url, timeout_s=settings.upstream_timeout_s)
+                for url in settings.ollama_base_urls]
+    for backend in backends:
+        await backend.start()
     hasher = make_hasher(settings)
     cache = TieredKeyCache(redis, settings.key_cache_ttl_s)
     listener = ChangeListener(settings.database_url, cache, cache_ttl_s=settings.key_cache_ttl_s)
     redis_health = RedisHealth(redis)
-    discovery = Discovery(backend, RedisDiscoveryCache(redis), refresh_s=settings.model_discovery_refresh_s,
+    discovery = Discovery(backends, RedisDiscoveryCache(redis), refresh_s=settings.model_discovery_refresh_s,
                           ttl_s=settings.model_discovery_cache_ttl_s)
     ledger = PostgresLedger(pool, settings.audit_spool_dir)
     audit = AuditWriter(pool, settings.audit_spool_dir)
@@ -136,29 +138,38 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     auth = Authenticator(AuthPorts(cache=cache, source=PostgresPrincipalSource(pool), hasher=hasher,
                                    failures=RedisAuthFailures(redis, settings.auth_failures_per_minute),
                                    feed=listener, clock=clock))
-    breaker = CircuitGate(settings.circuit_failure_threshold, settings.circuit_reset_s, clock)
+    router = BackendRouter(backends, settings.circuit_failure_threshold, settings.circuit_reset_s, clock,
+                           holders=discovery.holders, on_outcome=metrics.observe_upstream)
 
-    async def readiness() -> dict[str, str]:
+    async def readiness() -> tuple[bool, dict[str, str]]:
         async def pg() -> None:
             async with pool.connection(timeout=_READY_TIMEOUT_S) as conn:
                 await conn.execute("SELECT 1")
 
-        checks = {"postgres": pg(), "redis": ping_all(redis), "ollama": backend.version(_READY_TIMEOUT_S)}
+        # Each backend by its index, never its URL; Ollama counts as up while one of them answers.
+        checks = {"postgres": pg(), "redis": ping_all(redis),
+                  **{f"ollama_{i}": b.version(_READY_TIMEOUT_S) for i, b in enumerate(backends)}}
         results = await asyncio.gather(*(asyncio.wait_for(c, _READY_TIMEOUT_S * 1.5)
                                          for c in checks.values()), return_exceptions=True)
         states = {name: "down" if isinstance(result, BaseException) else "ok"
                   for name, result in zip(checks, results, strict=True)}
+        answering = any(states[f"ollama_{i}"] == "ok" for i in range(len(backends)))
+        states["ollama"] = "ok" if answering else "down"
         states["change_feed"] = "ok" if listener.trusted() else "down"
-        return states
+        ready = all(states[name] == "ok" for name in ("postgres", "redis", "ollama", "change_feed"))
+        return ready, states
 
     app[SERVICES] = Services(
-        auth=auth, policy=ModelPolicy(discovery, clock), metering=metering, backend=backend,
+        auth=auth, policy=ModelPolicy(discovery, clock), metering=metering,
         observer=RequestObserver(audit, prompts, metrics, settings.prompt_log_default_retention_days),
-        readiness=readiness, breaker=breaker, max_request_bytes=settings.max_request_bytes,
+        readiness=readiness, upstream=router, max_request_bytes=settings.max_request_bytes,
         confirm_redis=redis_health.confirm, trusted_proxies=settings.trusted_proxies)
 
     def refresh_gauges() -> None:
-        metrics.circuit_open.set({}, float(breaker.state()))
+        for index, (state, models_open) in enumerate(zip(router.states(), router.open_model_circuits(),
+                                                         strict=True)):
+            metrics.circuit_open.set({"backend": str(index)}, float(state))
+            metrics.model_circuits_open.set({"backend": str(index)}, float(models_open))
         metrics.discovery_age.set({}, seconds_since(discovery.last_success))
         catalog = discovery.current(clock.now())
         metrics.discovered_models.set({}, float(len(catalog.names) if catalog else 0))
@@ -184,7 +195,8 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
         await redis_health.stop()
         for writer in (ledger, audit, prompts):
             await writer.stop()
-        await backend.close()
+        for backend in backends:
+            await backend.close()
         hasher.close()
         await redis.aclose()
         with contextlib.suppress(TimeoutError):

@@ -79,6 +79,11 @@ class Settings:
     redis_cluster: bool = False
     trusted_proxies: TrustedProxies = field(factory=TrustedProxies)
 
+    @property
+    def ollama_base_urls(self) -> tuple[str, ...]:
+        """The backends in order; a backend's index here is its name in metrics and /readyz."""
+        return tuple(u.strip() for u in self.ollama_base_url.split(",") if u.strip())
+
 
 _WHOLE = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
@@ -126,6 +131,22 @@ def _url(*schemes: str) -> Callable[[str, Any], str]:
     return check
 
 
+def _url_list(*schemes: str) -> Callable[[str, Any], str]:
+    """A comma-separated list of URLs (SPEC §12: several Ollama backends), each checked alone."""
+    one = _url(*schemes)
+
+    def check(name: str, raw: Any) -> str:
+        parts = [p.strip() for p in str(raw).split(",")]
+        if not all(parts):
+            raise SettingsError(f"invalid setting {name}: expected {'/'.join(schemes)} URLs, comma-separated")
+        urls = [one(name, p) for p in parts]
+        if len(set(urls)) != len(urls):
+            raise SettingsError(f"invalid setting {name}: the same URL is listed twice")
+        return ",".join(urls)
+
+    return check
+
+
 def _choice(*allowed: str) -> Callable[[str, Any], str]:
     def check(name: str, raw: Any) -> str:
         value = str(raw).strip().lower()
@@ -165,7 +186,7 @@ _TTL = _seconds(0.1, 7 * _DAY_S)
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "DATABASE_URL": _url("postgresql", "postgres"),
     "REDIS_URL": _url("redis", "rediss", "unix"),
-    "OLLAMA_BASE_URL": _url("http", "https"),
+    "OLLAMA_BASE_URL": _url_list("http", "https"),
     "GATEWAY_HOST": _text,
     "GATEWAY_PORT": _PORT,
     "METRICS_PORT": _PORT,

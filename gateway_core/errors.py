@@ -4,7 +4,8 @@ GatewayError
 ├── InvalidRequest (400)      ├── RateLimitExceeded (429)
 ├── InvalidApiKey (401)       │   └── BudgetExhausted (429)
 ├── ModelNotAllowed (403)     ├── UpstreamUnavailable (502)
-├── ScopeNotAllowed (403)     ├── DependencyUnavailable (503)
+├── ScopeNotAllowed (403)     │   └── UpstreamUnreachable (502: not sent, may be retried elsewhere)
+│                             ├── DependencyUnavailable (503)
 ├── NotFound (404)            └── InternalError (500)
 └── RequestTooLarge (413)
 AdminError — operator input rejected by the CLI use cases (never reaches HTTP).
@@ -92,6 +93,10 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
     type = "server_error"
     default_message = "The model backend is unavailable. Try again later."
+
+
+class UpstreamUnreachable(UpstreamUnavailable):
+    """The connection failed before any of the request was sent (SPEC §4.10: retried once elsewhere)."""
 
 
 class DependencyUnavailable(GatewayError):

@@ -1,26 +1,35 @@
-"""The forward-and-settle use case (SPEC §4.1 from admission on, §4.8, §6.2).
+"""The forward-and-settle use case (SPEC §4.1 from admission on, §4.8, §4.10, §6.2).
 
-Admit → breaker gate → upstream call → settle on an answer, charge the prompt when the caller
-hangs up while the model works, release on every other path. Each grant is settled or released
-exactly once, whatever ends the request (error, cancellation, client gone), and the admission
-itself is shielded: a caller cancelled while it is in flight still gets its reservation returned.
-The transport's framing (SSE, NDJSON, HTTP) stays in the adapter, behind `Delivery`.
+Admit → a backend for the model (breakers, least busy) → upstream call → settle on an answer,
+charge the prompt when the caller hangs up while the model works, release on every other path.
+Each grant is settled or released exactly once, whatever ends the request (error, cancellation,
+client gone), and the admission itself is shielded: a caller cancelled while it is in flight still
+gets its reservation returned. The transport's framing (SSE, NDJSON, HTTP) stays in the adapter,
+behind `Delivery`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import AsyncExitStack
 from typing import Protocol
 
 from attrs import define, frozen
 
 from gateway_core.answers import answer_text, embedding_usage, safe_upstream_message, usage_of
-from gateway_core.errors import GatewayError, InvalidRequest, ModelNotAllowed, UpstreamUnavailable
+from gateway_core.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotAllowed,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
 from gateway_core.metering import Grant, Metering
 from gateway_core.models import Principal
-from gateway_core.ports import Upstream, UpstreamAnswer, UpstreamGate
+from gateway_core.ports import Upstream, UpstreamAnswer, UpstreamLane
 from gateway_core.request import CallerRequest, Kind
+from gateway_core.routing import Outcome
 from gateway_core.tokens import estimate_chunks
 
 
@@ -62,9 +71,8 @@ class Delivery(Protocol):
 
 
 class Forwarding:
-    def __init__(self, metering: Metering, gate: UpstreamGate, upstream: Upstream) -> None:
+    def __init__(self, metering: Metering, upstream: Upstream) -> None:
         self._metering = metering
-        self._gate = gate
         self._upstream = upstream
         self._orphans: set[asyncio.Task[None]] = set()
 
@@ -91,23 +99,25 @@ class Forwarding:
         grant = await self.admit(principal, request)
         delivery.admitted(grant)
         sent = False
+        lane: UpstreamLane | None = None
         try:
             body = request.upstream_body(model, grant.completion_cap)
-            await self._gate.before_call()
             sent = True
-            async with self._upstream.post(request.route.path, body) as answer:
+            async with AsyncExitStack() as stack:
+                lane, answer = await self._connect(stack, model, request.route.path, body)
                 if answer.status != 200:
-                    raise await self._failure(answer)
-                await self._gate.record(True)
+                    raise await self._failure(lane, answer)
+                await lane.record(Outcome.OK)
                 if request.stream:
-                    await self._stream(grant, answer, delivery)
+                    await self._stream(lane, grant, answer, delivery)
                     return None
                 return await self._complete(grant, request, answer, delivery, want_text)
         except UpstreamUnavailable as exc:
-            if exc.__cause__ is not None:
-                await self._gate.record(False)
-            # If this failure opened the circuit, the honest wait is until it half-opens.
-            exc.retry_after_s = max(exc.retry_after_s or 1.0, self._gate.seconds_to_half_open())
+            if lane is not None:
+                if exc.__cause__ is not None:
+                    await lane.record(Outcome.BACKEND_FAILED)
+                # If this failure opened the circuit, the honest wait is until it half-opens.
+                exc.retry_after_s = max(exc.retry_after_s or 1.0, lane.seconds_to_half_open())
             raise
         except asyncio.CancelledError:
             # The caller hung up while the model was working: its prompt was processed, so charge it.
@@ -119,13 +129,35 @@ class Forwarding:
                 # Shielded: a caller who hangs up must not leave its slot and reservation taken.
                 await asyncio.shield(self._metering.release(grant))
 
-    async def _failure(self, answer: UpstreamAnswer) -> GatewayError:
+    async def _connect(self, stack: AsyncExitStack, model: str, path: str, body: bytes
+                       ) -> tuple[UpstreamLane, UpstreamAnswer]:
+        """An answer from a backend with *model*. A connection that failed before anything was
+        sent is tried once more on another backend (SPEC §4.10); nothing else is ever resent."""
+        failed: UpstreamUnavailable | None = None
+        avoid: frozenset[int] = frozenset()
+        while True:
+            try:
+                lane = self._upstream.lane(model, avoid)
+            except UpstreamUnavailable:
+                if failed is not None:
+                    raise failed from failed.__cause__
+                raise
+            try:
+                return lane, await stack.enter_async_context(lane.post(path, body))
+            except UpstreamUnavailable as exc:
+                await lane.record(Outcome.BACKEND_FAILED)
+                exc.retry_after_s = max(exc.retry_after_s or 1.0, lane.seconds_to_half_open())
+                if failed is not None or not isinstance(exc, UpstreamUnreachable):
+                    raise
+                failed, avoid = exc, frozenset({lane.index})
+
+    async def _failure(self, lane: UpstreamLane, answer: UpstreamAnswer) -> GatewayError:
         """Map an upstream status to §3.3; the upstream body itself is never passed through."""
         status = answer.status
         if status >= 500:
-            await self._gate.record(False)
+            await lane.record(Outcome.MODEL_FAILED)  # this model's breaker; others keep answering
             return UpstreamUnavailable(retry_after_s=1.0)
-        await self._gate.record(True)  # a 4xx answer means the upstream is alive (SPEC §4.8)
+        await lane.record(Outcome.OK)  # a 4xx answer means the upstream is alive (SPEC §4.8)
         if status == 404:
             return ModelNotAllowed()
         if status == 400:
@@ -154,7 +186,8 @@ class Forwarding:
         await self._settle(grant, delivery, prompt, completion)
         return Answer(raw, text)
 
-    async def _stream(self, grant: Grant, answer: UpstreamAnswer, delivery: Delivery) -> None:
+    async def _stream(self, lane: UpstreamLane, grant: Grant, answer: UpstreamAnswer,
+                      delivery: Delivery) -> None:
         relayed = Relayed()
         try:
             await delivery.relay(answer, relayed)
@@ -168,7 +201,7 @@ class Forwarding:
             # Settled first: a caller cancelled while the breaker records must not lose the charge.
             await self._settle(grant, delivery, prompt, completion)
             if relayed.failed:
-                await self._gate.record(False)
+                await lane.record(Outcome.MODEL_FAILED)
 
     async def _settle(self, grant: Grant, delivery: Delivery, prompt: int, completion: int) -> None:
         delivery.charged(prompt, completion)

@@ -13,6 +13,7 @@ from gateway_core.admission import Admission, Settlement, Ticket
 from gateway_core.budget import Budget, Period
 from gateway_core.limits import Limits
 from gateway_core.models import AdminEvent, Catalog, KeyRecord, Principal, Scope, Tenant, Usage
+from gateway_core.routing import Outcome
 
 
 class Clock(Protocol):
@@ -233,25 +234,37 @@ class UpstreamAnswer(Protocol):
         ...
 
 
-class Upstream(Protocol):
-    """The model backend (SPEC §4.9): only allowlisted paths, the gateway's own request."""
+class UpstreamLane(Protocol):
+    """One backend picked for one request; it counts as in flight until its `post` block ends."""
+
+    @property
+    def index(self) -> int:
+        """The backend's position in the configured list (never its URL)."""
+        ...
 
     def post(self, path: str, body: bytes) -> AbstractAsyncContextManager[UpstreamAnswer]:
         """Send *body*; leaving the block early closes the connection, which stops generation.
-        Connection failures raise UpstreamUnavailable."""
+        A connection that failed before anything was sent raises UpstreamUnreachable; other
+        connection failures raise UpstreamUnavailable. Call at most once per lane."""
+        ...
+
+    async def record(self, outcome: Outcome) -> None:
+        """Feed the backend's and the model's breakers (SPEC §4.10)."""
+        ...
+
+    def seconds_to_half_open(self) -> float:
+        """Until this lane may be called again (0 while its breakers are closed)."""
         ...
 
 
-class UpstreamGate(Protocol):
-    """The circuit breaker around upstream calls (SPEC §4.8)."""
+class Upstream(Protocol):
+    """The model backends (SPEC §4.9, §4.10): only allowlisted paths, the gateway's own request."""
 
-    async def before_call(self) -> None:
-        """Raise UpstreamUnavailable while the circuit is open."""
+    def lane(self, model: str, avoid: frozenset[int] = frozenset()) -> UpstreamLane:
+        """The least busy backend that has *model* and whose circuits admit a call, skipping the
+        indexes in *avoid*. Raises UpstreamUnavailable (Retry-After: the soonest half-open) when
+        there is none."""
         ...
-
-    async def record(self, ok: bool) -> None: ...
-
-    def seconds_to_half_open(self) -> float: ...
 
 
 __all__ = ["Clock", "DiscoveredModels", "PrincipalSource", "Scope", "SecretHasher", "TenantStore"]

@@ -44,6 +44,7 @@ from aiohttp import web
 __all__ = [
     "DEFAULT_MODELS",
     "FAIL_MODES",
+    "MEMORY_ERROR",
     "OLLAMA_VERSION",
     "RUNNER_ERROR",
     "FakeOllama",
@@ -67,6 +68,8 @@ RUNNER_ERROR: Final = (
     "model runner has unexpectedly stopped, this may be due to resource limitations or an internal error, "
     "check ollama server logs for details"
 )
+# What Ollama answers (500) when a model does not fit in the machine's memory.
+MEMORY_ERROR: Final = "model requires more system memory (17.3 GiB) than is available (9.8 GiB)"
 EMBED_CONTEXT_TOKENS: Final = 2048  # context length used for embedding truncation
 KEEP_ALIVE_S: Final = 300.0  # default keep_alive (5m), only used for /api/ps
 
@@ -585,6 +588,9 @@ class FakeOllama:
         # Write every JSON answer and stream chunk with spaces after colons and commas.
         self.spaced_json: bool = spaced_json
         self.requests: list[dict[str, Any]] = []
+        # Models that cannot load: every generation or embedding request naming one of them gets
+        # Ollama's 500 for a model too big for the machine (the server itself keeps answering).
+        self.fail_models: set[str] = set()
         self.url: str = ""
         self._fail_mode: str | None = None
         self._loaded: dict[str, float] = {}  # display name -> wall-clock expiry (for /api/ps)
@@ -756,6 +762,7 @@ class FakeOllama:
     def reset(self) -> None:
         """Clear the request log and restore the constructor's configuration (re-opens after "refuse")."""
         self.fail_mode = None
+        self.fail_models.clear()
         self.requests.clear()
         self.models[:] = self._initial[0]
         self.token_delay_s, self.latency_s, self.completion_tokens = self._initial[1:]
@@ -910,11 +917,19 @@ class FakeOllama:
                     await asyncio.get_running_loop().create_future()  # until cancelled
                 if self._fail_mode == "500":
                     raise _ApiError(500, RUNNER_ERROR)
+                if self.fail_models and self._names_failing_model(ctx.parsed):
+                    raise _ApiError(500, MEMORY_ERROR)
             return await handler(ctx)
         except _ApiError as err:
             if ctx.resp is not None:  # pragma: no cover - errors are raised before streaming starts
                 raise
             return _openai_error(err) if is_v1 else _native_error(err)
+
+    def _names_failing_model(self, parsed: Any) -> bool:
+        name = parsed.get("model") if isinstance(parsed, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            return False
+        return normalize_model_name(name) in {normalize_model_name(m) for m in self.fail_models}
 
     def _host_check_enabled(self) -> bool:
         return _is_loopback_host(self._host) if self.host_check is None else self.host_check

@@ -12,10 +12,11 @@ from datetime import UTC, date, datetime
 import attrs
 
 from gateway_core.budget import Budget, Period
-from gateway_core.errors import AdminError
+from gateway_core.errors import AdminError, UpstreamUnavailable
 from gateway_core.limits import Limits
 from gateway_core.models import AdminEvent, Catalog, KeyRecord, KeyStatus, Principal, Tenant, Usage
 from gateway_core.ports import NEGATIVE, LedgerEntry
+from gateway_core.routing import Outcome
 from tests.fake_admission import InMemoryAdmission as InMemoryAdmission
 
 
@@ -252,13 +253,24 @@ class ScriptedAnswer:
 
 
 class ScriptedUpstream:
-    """The Upstream port: answers with `answer`, or raises `error` as a connection failure would."""
+    """The Upstream port with one backend, which is also its own lane: answers with `answer`, or
+    raises `error` as a connection failure would; records the breaker outcomes it is told."""
+
+    index = 0
 
     def __init__(self, answer: ScriptedAnswer | None = None, error: Exception | None = None) -> None:
         self.answer = answer or ScriptedAnswer()
         self.error = error
         self.sent: list[tuple[str, bytes]] = []
         self.open = 0
+        self.outcomes: list[Outcome] = []
+        self.picked: list[tuple[str, frozenset[int]]] = []
+
+    def lane(self, model: str, avoid: frozenset[int] = frozenset()) -> ScriptedUpstream:
+        self.picked.append((model, avoid))
+        if self.index in avoid:
+            raise UpstreamUnavailable(retry_after_s=1.0)
+        return self
 
     @asynccontextmanager
     async def post(self, path: str, body: bytes) -> AsyncIterator[ScriptedAnswer]:
@@ -271,18 +283,24 @@ class ScriptedUpstream:
         finally:
             self.open -= 1
 
-
-class RecordingGate:
-    """The UpstreamGate: always closed (lets calls through) and records outcomes."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[bool] = []
-
-    async def before_call(self) -> None:
-        return None
-
-    async def record(self, ok: bool) -> None:
-        self.outcomes.append(ok)
+    async def record(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
 
     def seconds_to_half_open(self) -> float:
         return 0.0
+
+
+class ScriptedBackends:
+    """The Upstream port over several ScriptedUpstreams, picked in list order (avoid skips one)."""
+
+    def __init__(self, *backends: ScriptedUpstream) -> None:
+        self.backends = backends
+        for index, backend in enumerate(backends):
+            backend.index = index
+
+    def lane(self, model: str, avoid: frozenset[int] = frozenset()) -> ScriptedUpstream:
+        for backend in self.backends:
+            if backend.index not in avoid:
+                backend.picked.append((model, avoid))
+                return backend
+        raise UpstreamUnavailable(retry_after_s=1.0)

@@ -24,7 +24,6 @@ from gateway_core.errors import (
     ModelNotFound,
     RequestTooLarge,
     ScopeNotAllowed,
-    UpstreamUnavailable,
 )
 from gateway_core.forwarding import Relayed
 from gateway_core.metering import Grant
@@ -199,13 +198,7 @@ async def list_tags(request: web.Request) -> web.Response:
 
 async def version(request: web.Request) -> web.Response:
     svc, _ = await _listing_principal(request)
-    await svc.breaker.before_call()
-    try:
-        data = await svc.backend.version()
-    except UpstreamUnavailable:
-        await svc.breaker.record(False)
-        raise
-    await svc.breaker.record(True)
+    data = await svc.upstream.version()
     return json_response({"version": str(data.get("version", ""))})
 
 
@@ -214,8 +207,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    states = await request.app[SERVICES].readiness()
-    ready = all(v == "ok" for v in states.values())
+    ready, states = await request.app[SERVICES].readiness()
     return json_response({"status": "ready" if ready else "unavailable", **states}, 200 if ready else 503)
 
 

@@ -9,10 +9,9 @@ from typing import Any
 from aiohttp import web
 from attrs import define, field
 
-from adapters.circuit import CircuitGate
+from adapters.circuit import BackendRouter
 from adapters.http.client_address import TrustedProxies
 from adapters.http.exchange import Exchange, Observer
-from adapters.ollama import OllamaBackend
 from gateway_core.forwarding import Forwarding
 from gateway_core.gateway import Authenticator, ModelPolicy
 from gateway_core.metering import Metering
@@ -23,10 +22,10 @@ class Services:
     auth: Authenticator
     policy: ModelPolicy
     metering: Metering
-    backend: OllamaBackend
     observer: Observer
-    readiness: Callable[[], Awaitable[dict[str, str]]]
-    breaker: CircuitGate
+    # (ready, each dependency's state): the composition root knows which states must be "ok".
+    readiness: Callable[[], Awaitable[tuple[bool, dict[str, str]]]]
+    upstream: BackendRouter
     max_request_bytes: int
     # Routes that need no Redis command of their own call this, so they fail closed as well.
     confirm_redis: Callable[[], Awaitable[None]]
@@ -35,7 +34,7 @@ class Services:
 
     def __attrs_post_init__(self) -> None:
         if self.forwarding is None:
-            self.forwarding = Forwarding(self.metering, self.breaker, self.backend)
+            self.forwarding = Forwarding(self.metering, self.upstream)
 
 
 SERVICES = web.AppKey("services", Services)

@@ -1,5 +1,11 @@
-"""The shared discovery cache (SPEC §4.6): names in `gateway:models:discovered`, `/api/tags` entries
-beside them, both with the same TTL; a short lock so that one replica polls at a time."""
+"""The shared discovery cache (SPEC §4.6, §4.10): names in `gateway:models:discovered`, `/api/tags`
+entries beside them, both with the same TTL; a short lock so that one replica polls at a time.
+
+With several backends the entries value is `{"entries": [...], "backends": [record, ...]}`, one
+record per backend index (`{"names", "expires_at"}` or null): the per-backend sets ride
+in the same value, so replicas read them in the same round trip. A plain list (older replicas)
+still reads, as "every backend has every model".
+"""
 
 from __future__ import annotations
 
@@ -29,8 +35,9 @@ class RedisDiscoveryCache:
         names = json.loads(raw)
         return [str(n) for n in names] if isinstance(names, list) else None
 
-    async def read(self) -> tuple[list[str], list[dict[str, Any]], float] | None:
-        """Names, entries and milliseconds left to live; None when empty or expired."""
+    async def read(self) -> tuple[list[str], list[dict[str, Any]], float, list[Any] | None] | None:
+        """Names, entries, milliseconds left to live and the per-backend records (None when the
+        copy has none); None when empty or expired."""
         async with redis_guard():
             pipe = self._redis.pipeline(transaction=False)
             pipe.get(DISCOVERED_KEY)
@@ -39,16 +46,22 @@ class RedisDiscoveryCache:
             raw_names, raw_entries, ttl_ms = await pipe.execute()
         if raw_names is None or ttl_ms is None or ttl_ms <= 0:
             return None
-        entries = json.loads(raw_entries) if raw_entries else []
-        return [str(n) for n in json.loads(raw_names)], entries, float(ttl_ms)
+        value = json.loads(raw_entries) if raw_entries else []
+        backends = None
+        if isinstance(value, dict):
+            backends = value.get("backends") if isinstance(value.get("backends"), list) else None
+            value = value.get("entries") or []
+        return [str(n) for n in json.loads(raw_names)], value, float(ttl_ms), backends
 
-    async def store(self, entries: list[dict[str, Any]], ttl_s: float) -> None:
+    async def store(self, entries: list[dict[str, Any]], ttl_s: float,
+                    backends: list[dict[str, Any] | None] | None = None) -> None:
         names = sorted({str(e["name"]) for e in entries})
         ttl_ms = int(ttl_s * 1000)
+        value: Any = entries if backends is None else {"entries": entries, "backends": backends}
         async with redis_guard():
             pipe = self._redis.pipeline(transaction=True)
             pipe.set(DISCOVERED_KEY, json.dumps(names), px=ttl_ms)
-            pipe.set(ENTRIES_KEY, json.dumps(entries), px=ttl_ms)
+            pipe.set(ENTRIES_KEY, json.dumps(value), px=ttl_ms)
             await pipe.execute()
 
     async def try_poll_lock(self, owner: str, hold_s: float) -> bool:

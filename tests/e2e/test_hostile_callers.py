@@ -420,7 +420,7 @@ async def test_wrongly_typed_fields_are_a_400_and_never_reach_the_breaker(
         settings = gateway_settings(database_url, redis_url, fake.url, tmp_path, circuit_failure_threshold=2)
         async with running_gateway(settings, fake) as gw, aiohttp.ClientSession() as http:
             secret, _, _ = await gw.key(key_limits=Limits(concurrent=1))
-            breaker = gw.app[SERVICES].breaker
+            breaker = gw.app[SERVICES].upstream
             gw.fake.requests.clear()
             for body, field in _mistyped(route):
                 status, headers, payload = await _post(http, gw.url + route, secret, body)
@@ -429,7 +429,7 @@ async def test_wrongly_typed_fields_are_a_400_and_never_reach_the_breaker(
                 assert payload["error"]["param"] == field and field in payload["error"]["message"], payload
                 assert "X-RateLimit-Remaining-Requests" in headers
             assert upstream(gw) == [], "a wrongly typed body reached the upstream"
-            assert breaker.state() is CircuitState.CLOSED
+            assert breaker.state() is CircuitState.CLOSED and breaker.open_model_circuits() == [0]
             # Nothing admitted (concurrent=1), the circuit closed: the next valid request is served.
             valid = _mistyped(route)[0][0]
             valid["options"] = {"seed": 7, "temperature": 0.5, "stop": ["\n"], "top_k": 40.0}
@@ -469,7 +469,7 @@ async def test_upstream_4xx_never_counts_against_the_breaker_and_5xx_does(
         settings = gateway_settings(database_url, redis_url, fake.url, tmp_path, circuit_failure_threshold=2)
         async with running_gateway(settings, fake) as gw, aiohttp.ClientSession() as http:
             secret, _, _ = await gw.key(models=(MODEL,))
-            breaker = gw.app[SERVICES].breaker
+            breaker = gw.app[SERVICES].upstream
             url = gw.url + "/v1/chat/completions"
             # Forwarded, and refused by the backend itself (400): the caller's fault, not the backend's.
             for _ in range(4):
@@ -477,14 +477,15 @@ async def test_upstream_4xx_never_counts_against_the_breaker_and_5xx_does(
                 assert status == 400, payload
                 assert_error(payload, "invalid_request")
             assert len(upstream(gw)) == 4
-            assert breaker.state() is CircuitState.CLOSED
+            assert breaker.state() is CircuitState.CLOSED and breaker.open_model_circuits() == [0]
             status, _, _ = await _post(http, url, secret, {"model": MODEL, "messages": MESSAGES})
             assert status == 200
             fake.fail_mode = "500"
             for _ in range(2):
                 status, _, _ = await _post(http, url, secret, {"model": MODEL, "messages": MESSAGES})
                 assert status == 502
-            assert breaker.state() is CircuitState.OPEN
+            # 5xx answers about the model open that model's own circuit; the backend answered (SPEC §4.10).
+            assert breaker.open_model_circuits() == [1] and breaker.state() is CircuitState.CLOSED
 
 
 @pytest.mark.parametrize("route", ["/api/chat", "/v1/chat/completions"])

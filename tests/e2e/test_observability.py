@@ -47,7 +47,8 @@ EMBED_MODEL = "nomic-embed-text:latest"
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_"
 FULL_KEY_RE = re.compile(r"nz_[A-Za-z0-9_-]{43}")
 # `table` labels the writer series (gateway_rows_rejected_total, …): a fixed set of table names.
-ALLOWED_LABELS = {"tenant", "model", "status", "direction", "le", "table"}
+# `backend` (an index in OLLAMA_BASE_URL, never a URL) and `outcome` label upstream series only.
+ALLOWED_LABELS = {"tenant", "model", "status", "direction", "le", "table", "backend", "outcome"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,6 +439,11 @@ class TestMetrics:
         for name in ("gateway_circuit_state", "gateway_discovery_age_seconds", "gateway_discovered_models"):
             assert f"# TYPE {name} gauge" in text
         assert value(samples, "gateway_circuit_state") == 0  # closed
+        # Upstream series name a backend by its index in OLLAMA_BASE_URL, never by its URL.
+        assert {s.label("backend") for s in samples if s.name == "gateway_circuit_state"} == {"0"}
+        assert value(samples, "gateway_upstream_requests_total", backend="0", outcome="ok") >= 1
+        assert all(s.label("backend") is None for s in samples
+                   if s.name.startswith(("gateway_requests", "gateway_tokens")))
         assert value(samples, "gateway_discovered_models") == len(FAKE_MODELS)
         age = [s.value for s in samples if s.name == "gateway_discovery_age_seconds"]
         assert len(age) == 1 and 0 <= age[0] < 10, age  # refreshed every second
@@ -659,21 +665,24 @@ class TestGaugesFollowOllama:
     ) -> None:
         secret, _, _, _ = await new_key(observed.settings)
 
-        async def gauges(http: aiohttp.ClientSession) -> tuple[float, float, float]:
+        async def gauges(http: aiohttp.ClientSession) -> tuple[float, float, float, float]:
             _, samples = await scrape(http, observed)
             return (value(samples, "gateway_circuit_state"), value(samples, "gateway_discovery_age_seconds"),
-                    value(samples, "gateway_discovered_models"))
+                    value(samples, "gateway_discovered_models"),
+                    value(samples, "gateway_model_circuits_open", backend="0"))
 
         async with aiohttp.ClientSession() as http:
             await wait_until_models_resolve(http, observed.url, secret)
-            circuit, age, discovered = await gauges(http)
-            assert circuit == 0 and 0 <= age < 3 and discovered == len(fake.models)
+            circuit, age, discovered, models_open = await gauges(http)
+            assert circuit == 0 and 0 <= age < 3 and discovered == len(fake.models) and models_open == 0
             fake.fail_mode = "500"
             for _ in range(observed.settings.circuit_failure_threshold):
                 status, _ = await call(http, observed.url, "/v1/chat/completions", chat_body("x"),
                                        bearer(secret))
                 assert status == 502
-            assert (await gauges(http))[0] == 2  # open: CIRCUIT_RESET_S=2 has not passed yet
+            # 500s about one model open that model's circuit (CIRCUIT_RESET_S=2 has not passed yet);
+            # the backend itself answered, so its circuit stays closed (SPEC §4.10).
+            assert (await gauges(http))[::3] == (0, 1)
             fake.fail_mode = "refuse"
             deadline = time.monotonic() + 10
             while (age := (await gauges(http))[1]) < 3:
@@ -684,8 +693,8 @@ class TestGaugesFollowOllama:
             while True:
                 status, _ = await call(http, observed.url, "/v1/chat/completions", chat_body("x"),
                                        bearer(secret))
-                circuit, age, discovered = await gauges(http)
-                if status == 200 and circuit == 0 and age < 3:
+                circuit, age, discovered, models_open = await gauges(http)
+                if status == 200 and circuit == 0 and models_open == 0 and age < 3:
                     break
                 assert time.monotonic() < deadline, (status, circuit, age)
                 await asyncio.sleep(0.2)

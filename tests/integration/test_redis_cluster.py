@@ -109,8 +109,14 @@ async def test_discovery_copy_and_lock_work_on_the_cluster(redis_url: str) -> No
         await cache.store(entries, ttl_s=30)
         found = await cache.read()
         assert found is not None
-        names, stored, ttl_ms = found
+        names, stored, ttl_ms, per_backend = found
         assert names == ["llama3.1:8b", "qwen3:8b"] and stored == entries and 0 < ttl_ms <= 30_000
+        assert per_backend is None  # one backend: no per-backend sets
+        records = [{"names": ["llama3.1:8b"], "expires_at": 1e12},
+                   {"names": ["qwen3:8b"], "expires_at": 1e12}]
+        await cache.store(entries, ttl_s=30, backends=records)  # several backends: the same two keys
+        found = await cache.read()
+        assert found is not None and found[1] == entries and found[3] == records
         assert await cache.discovered() == names
         assert await cache.try_poll_lock("replica-a", 5)
         assert not await cache.try_poll_lock("replica-b", 5)

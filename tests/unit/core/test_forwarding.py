@@ -10,20 +10,27 @@ import pytest
 
 from gateway_core.admission import Settlement, Ticket
 from gateway_core.budget import Budget, Period
-from gateway_core.errors import DependencyUnavailable, InvalidRequest, ModelNotAllowed, UpstreamUnavailable
+from gateway_core.errors import (
+    DependencyUnavailable,
+    InvalidRequest,
+    ModelNotAllowed,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
 from gateway_core.forwarding import Forwarding, Relayed
 from gateway_core.limits import Limits
 from gateway_core.metering import Grant, Metering
 from gateway_core.models import Principal, Scope
 from gateway_core.ports import UpstreamAnswer
 from gateway_core.request import ROUTES, CallerRequest, parse_request
+from gateway_core.routing import Outcome
 from gateway_core.tokens import estimate_chunks
 from tests.fakes import (
     FrozenClock,
     InMemoryAdmission,
     InMemoryLedger,
-    RecordingGate,
     ScriptedAnswer,
+    ScriptedBackends,
     ScriptedUpstream,
 )
 
@@ -87,14 +94,13 @@ class Recorder:
 
 
 class Rig:
-    def __init__(self, upstream: ScriptedUpstream | None = None) -> None:
+    def __init__(self, upstream: ScriptedUpstream | ScriptedBackends | None = None) -> None:
         self.store = CountingAdmission()
         self.ledger = InMemoryLedger()
         self.clock = FrozenClock()
         self.metering = Metering(self.store, self.ledger, self.clock, default_completion_reserve=100)
-        self.gate = RecordingGate()
         self.upstream = upstream or ScriptedUpstream(ScriptedAnswer(body=ANSWER))
-        self.forwarding = Forwarding(self.metering, self.gate, self.upstream)
+        self.forwarding = Forwarding(self.metering, self.upstream)
 
     def request(self, **extra: object) -> CallerRequest:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi there"}], "stream": False, **extra}
@@ -122,7 +128,7 @@ async def test_success_settles_real_usage_once() -> None:
     answer = await rig.forwarding.forward(PRINCIPAL, rig.request(), "m:latest", delivery)
     assert answer is not None and answer.body == ANSWER
     assert charged(rig) == [(5, rig.clock.now(), 7, 3)]
-    assert delivery.charges == [(7, 3)] and rig.gate.outcomes == [True]
+    assert delivery.charges == [(7, 3)] and rig.upstream.outcomes == [Outcome.OK]
     rig.assert_ended_once(delivery)
     sent = json.loads(rig.upstream.sent[0][1])
     assert sent["model"] == "m:latest" and 1 <= sent["options"]["num_predict"] <= 10_000
@@ -134,7 +140,7 @@ async def test_an_upstream_error_status_releases_and_charges_nothing(status: int
     with pytest.raises(error):
         await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
     assert rig.ledger.entries == [] and delivery.charges == []
-    assert rig.gate.outcomes == [status < 500]
+    assert rig.upstream.outcomes == [Outcome.OK if status < 500 else Outcome.MODEL_FAILED]
     rig.assert_ended_once(delivery)
     assert await rig.slot_is_free()
 
@@ -145,7 +151,7 @@ async def test_an_unreachable_upstream_releases_and_counts_as_a_failure() -> Non
     rig, delivery = Rig(ScriptedUpstream(error=failure)), Recorder()
     with pytest.raises(UpstreamUnavailable):
         await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
-    assert rig.gate.outcomes == [False] and rig.ledger.entries == []
+    assert rig.upstream.outcomes == [Outcome.BACKEND_FAILED] and rig.ledger.entries == []
     rig.assert_ended_once(delivery)
 
 
@@ -242,6 +248,60 @@ async def test_a_redis_failure_at_settlement_still_delivers_and_is_put_right_lat
     assert await rig.slot_is_free()
 
 
+def _refused(kind: type[UpstreamUnavailable] = UpstreamUnreachable) -> UpstreamUnavailable:
+    failure = kind(retry_after_s=1.0)
+    failure.__cause__ = OSError("refused")
+    return failure
+
+
+class TestSeveralBackends:
+    async def test_a_connection_refused_before_sending_is_retried_once_on_another_backend(self) -> None:
+        first, second = ScriptedUpstream(error=_refused()), ScriptedUpstream(ScriptedAnswer(body=ANSWER))
+        rig, delivery = Rig(ScriptedBackends(first, second)), Recorder()
+        answer = await rig.forwarding.forward(PRINCIPAL, rig.request(), "m:latest", delivery)
+        assert answer is not None and answer.body == ANSWER
+        assert (first.outcomes, second.outcomes) == ([Outcome.BACKEND_FAILED], [Outcome.OK])
+        assert second.picked == [("m:latest", frozenset({0}))]  # the failed one is avoided
+        assert charged(rig) == [(5, rig.clock.now(), 7, 3)] and delivery.charges == [(7, 3)]
+        rig.assert_ended_once(delivery)
+
+    async def test_a_failure_after_the_request_was_sent_is_never_resent(self) -> None:
+        first = ScriptedUpstream(error=_refused(UpstreamUnavailable))  # e.g. a read timeout
+        second = ScriptedUpstream(ScriptedAnswer(body=ANSWER))
+        rig, delivery = Rig(ScriptedBackends(first, second)), Recorder()
+        with pytest.raises(UpstreamUnavailable):
+            await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+        assert second.sent == [] and first.outcomes == [Outcome.BACKEND_FAILED]
+        assert rig.ledger.entries == []
+        rig.assert_ended_once(delivery)
+
+    async def test_only_one_retry_and_the_first_failure_is_reported(self) -> None:
+        backends = [ScriptedUpstream(error=_refused()) for _ in range(3)]
+        rig, delivery = Rig(ScriptedBackends(*backends)), Recorder()
+        with pytest.raises(UpstreamUnreachable):
+            await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+        assert [len(b.sent) for b in backends] == [1, 1, 0]
+        assert rig.ledger.entries == []
+        rig.assert_ended_once(delivery)
+
+    async def test_no_other_backend_with_the_model_gives_the_first_failure(self) -> None:
+        only = ScriptedUpstream(error=_refused())
+        rig, delivery = Rig(ScriptedBackends(only)), Recorder()
+        with pytest.raises(UpstreamUnreachable) as raised:
+            await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+        assert raised.value.retry_after_s == 1.0 and len(only.sent) == 1
+        rig.assert_ended_once(delivery)
+
+    async def test_a_5xx_answer_counts_against_the_model_and_is_not_retried(self) -> None:
+        first = ScriptedUpstream(ScriptedAnswer(status=500))
+        second = ScriptedUpstream(ScriptedAnswer(body=ANSWER))
+        rig, delivery = Rig(ScriptedBackends(first, second)), Recorder()
+        with pytest.raises(UpstreamUnavailable):
+            await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+        assert first.outcomes == [Outcome.MODEL_FAILED] and second.sent == []
+        rig.assert_ended_once(delivery)
+
+
 class BrokenRelay(Recorder):
     """Relays chunks, then breaks: the upstream (failed) or a fault of the gateway's own."""
 
@@ -258,27 +318,26 @@ class BrokenRelay(Recorder):
         raise RuntimeError("a bug after the first byte")
 
 
-class StickyGate(RecordingGate):
+class StickyUpstream(ScriptedUpstream):
     """Records a failure only after a while: the caller can be cancelled meanwhile."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, answer: ScriptedAnswer) -> None:
+        super().__init__(answer)
         self.entered = asyncio.Event()
 
-    async def record(self, ok: bool) -> None:
-        if not ok:
+    async def record(self, outcome: Outcome) -> None:
+        if outcome is not Outcome.OK:
             self.entered.set()
             await asyncio.sleep(3600)
-        await super().record(ok)
+        await super().record(outcome)
 
 
 async def test_a_broken_stream_is_charged_its_chunks_even_if_the_caller_is_cancelled_meanwhile() -> None:
-    rig = Rig(ScriptedUpstream(ScriptedAnswer(chunks=[b"a", b"b", b"c"])))
-    rig.gate = StickyGate()
-    rig.forwarding = Forwarding(rig.metering, rig.gate, rig.upstream)
+    sticky = StickyUpstream(ScriptedAnswer(chunks=[b"a", b"b", b"c"]))
+    rig = Rig(sticky)
     delivery = BrokenRelay("upstream")
     task = asyncio.create_task(rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery))
-    await asyncio.wait_for(rig.gate.entered.wait(), 5)
+    await asyncio.wait_for(sticky.entered.wait(), 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -294,7 +353,7 @@ async def test_a_fault_after_the_first_byte_is_settled_once_and_is_not_an_upstre
         await rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery)
     assert delivery.grant is not None
     assert charged(rig) == [(5, rig.clock.now(), delivery.grant.ticket.prompt_tokens, estimate_chunks(2))]
-    assert rig.gate.outcomes == [True]  # the upstream answered; the fault was ours
+    assert rig.upstream.outcomes == [Outcome.OK]  # the upstream answered; the fault was ours
     rig.assert_ended_once(delivery)
 
 
@@ -302,6 +361,6 @@ async def test_an_upstream_400_is_the_callers_error_and_not_a_breaker_failure() 
     rig, delivery = Rig(ScriptedUpstream(ScriptedAnswer(status=400))), Recorder()
     with pytest.raises(InvalidRequest):
         await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
-    assert rig.gate.outcomes == [True] and rig.ledger.entries == []
+    assert rig.upstream.outcomes == [Outcome.OK] and rig.ledger.entries == []
     rig.assert_ended_once(delivery)
     assert await rig.slot_is_free()
