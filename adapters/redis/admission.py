@@ -15,6 +15,7 @@ idempotent per lease id: the lease marker goes with the first, so a retry change
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from functools import cache, lru_cache
@@ -24,6 +25,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from adapters.redis.errors import redis_guard
+from adapters.redis.script_batch import ScriptBatch
 from gateway_core.admission import LEASE_TTL_S, Admission, Denial, Settlement, Ticket, WindowState
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
 from gateway_core.limits import WINDOW_S
@@ -145,8 +147,9 @@ class RedisAdmission:
     def __init__(self, redis: Redis, *, redis_time: bool = True) -> None:
         self._redis = redis
         self._redis_time = redis_time
-        # EVALSHA; redis-py loads the script and retries once if the server answers NOSCRIPT.
-        self._script = redis.register_script(_lua_source())
+        # EVALSHA; admissions, settlements, releases and renewals of concurrent requests share one
+        # pipelined round trip, and a NOSCRIPT answer loads the script and resends those calls.
+        self._batch = ScriptBatch(redis, _lua_source())
 
     def _now(self, now: float) -> int:
         return _REDIS_TIME if self._redis_time else _ms(now)
@@ -154,8 +157,7 @@ class RedisAdmission:
     async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None) -> Admission:
         """One atomic round trip; a denial or a `missing_periods` answer consumes nothing."""
         async with redis_guard():
-            raw = await self._script(keys=_keys(ticket),
-                                     args=_admit_args(ticket, seeds or {}, self._now(ticket.now)))
+            raw = await self._batch.call(_keys(ticket), _admit_args(ticket, seeds or {}, self._now(ticket.now)))
         return _admission(ticket, json.loads(raw))
 
     async def settle(self, settlement: Settlement) -> None:
@@ -163,19 +165,14 @@ class RedisAdmission:
         ticket = settlement.ticket
         real = settlement.prompt_tokens + settlement.completion_tokens
         async with redis_guard():
-            await self._script(
-                keys=_keys(ticket),
-                args=["settle", self._now(ticket.now), ticket.lease_id, real, settlement.reserved_tokens],
-            )
+            await self._batch.call(
+                _keys(ticket), ["settle", self._now(ticket.now), ticket.lease_id, real, settlement.reserved_tokens])
 
     async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
         """Give back the lease, the tpm entry and the budget reservation of a request that produced
         no tokens. Its rpm entry stays: an attempt counts against requests per minute."""
         async with redis_guard():
-            await self._script(
-                keys=_keys(ticket),
-                args=["release", self._now(ticket.now), ticket.lease_id, 0, reserved_tokens],
-            )
+            await self._batch.call(_keys(ticket), ["release", self._now(ticket.now), ticket.lease_id, 0, reserved_tokens])
 
     async def renew(self, tickets: list[Ticket], now: float) -> None:
         """Push the leases of in-flight *tickets* to now + LEASE_TTL_S (Redis time), in one pipelined
@@ -183,9 +180,6 @@ class RedisAdmission:
         if not tickets:
             return
         async with redis_guard():
-            pipe = self._redis.pipeline(transaction=False)
-            for ticket in tickets:
-                await self._script(keys=_keys(ticket),
-                                   args=["renew", self._now(now), ticket.lease_id, _ms(LEASE_TTL_S)],
-                                   client=pipe)
-            await pipe.execute()
+            calls = [self._batch.call(_keys(ticket), ["renew", self._now(now), ticket.lease_id, _ms(LEASE_TTL_S)])
+                     for ticket in tickets]
+            await asyncio.gather(*calls)
