@@ -157,7 +157,8 @@ class RedisAdmission:
     async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None) -> Admission:
         """One atomic round trip; a denial or a `missing_periods` answer consumes nothing."""
         async with redis_guard():
-            raw = await self._batch.call(_keys(ticket), _admit_args(ticket, seeds or {}, self._now(ticket.now)))
+            raw = await self._batch.call(_keys(ticket),
+                                         _admit_args(ticket, seeds or {}, self._now(ticket.now)))
         return _admission(ticket, json.loads(raw))
 
     async def settle(self, settlement: Settlement) -> None:
@@ -165,14 +166,15 @@ class RedisAdmission:
         ticket = settlement.ticket
         real = settlement.prompt_tokens + settlement.completion_tokens
         async with redis_guard():
-            await self._batch.call(
-                _keys(ticket), ["settle", self._now(ticket.now), ticket.lease_id, real, settlement.reserved_tokens])
+            await self._batch.call(_keys(ticket), ["settle", self._now(ticket.now), ticket.lease_id, real,
+                                                   settlement.reserved_tokens])
 
     async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
         """Give back the lease, the tpm entry and the budget reservation of a request that produced
         no tokens. Its rpm entry stays: an attempt counts against requests per minute."""
         async with redis_guard():
-            await self._batch.call(_keys(ticket), ["release", self._now(ticket.now), ticket.lease_id, 0, reserved_tokens])
+            await self._batch.call(_keys(ticket),
+                                   ["release", self._now(ticket.now), ticket.lease_id, 0, reserved_tokens])
 
     async def renew(self, tickets: list[Ticket], now: float) -> None:
         """Push the leases of in-flight *tickets* to now + LEASE_TTL_S (Redis time), in one pipelined
@@ -180,6 +182,6 @@ class RedisAdmission:
         if not tickets:
             return
         async with redis_guard():
-            calls = [self._batch.call(_keys(ticket), ["renew", self._now(now), ticket.lease_id, _ms(LEASE_TTL_S)])
-                     for ticket in tickets]
+            calls = [self._batch.call(_keys(t), ["renew", self._now(now), t.lease_id, _ms(LEASE_TTL_S)])
+                     for t in tickets]
             await asyncio.gather(*calls)

@@ -1,8 +1,9 @@
 """One Lua script called by many requests at once, sent as one pipelined round trip (SPEC §4.1).
 
-Every call made while the event loop runs one round of callbacks joins the same batch; the batch
-goes out on the next round as a single non-transactional pipeline of EVALSHA commands, so 64
-concurrent admissions and settlements cost one send and one read instead of 64 of each. Each
+Calls queue; a batch goes out as a single non-transactional pipeline of EVALSHA commands. At most
+MAX_IN_FLIGHT batches are on the wire at once: a lone call goes out on the next loop round (no
+added wait at concurrency 1), and under load the calls that arrive while a batch is out form the
+next one, so 64 concurrent admissions and settlements cost a few sends and reads, not 64 of each. Each
 script still runs atomically and in call order on one connection, so a caller that awaited its
 settlement before answering keeps "the next admission of a key sees the previous settlement".
 """
@@ -17,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 _Call = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
+MAX_IN_FLIGHT = 2
 
 
 class ScriptBatch:
@@ -32,16 +34,24 @@ class ScriptBatch:
         """Queue one script call; the future holds its reply, or the redis-py error it raised."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
+        if not self._queue and len(self._flushes) < MAX_IN_FLIGHT:
             loop.call_soon(self._flush)
         self._queue.append((("EVALSHA", self._sha, len(keys), *keys, *args), future))
         return future
 
     def _flush(self) -> None:
+        if not self._queue:
+            return
         batch, self._queue = self._queue, []
         task = asyncio.ensure_future(self._run(batch))
         self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        # What queued while the batches were out goes now, as one batch.
+        if self._queue and len(self._flushes) < MAX_IN_FLIGHT:
+            self._flush()
 
     async def _run(self, batch: list[_Call]) -> None:
         try:
