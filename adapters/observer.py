@@ -4,7 +4,6 @@ a prompt-log row for keys that opted in. Nothing here waits on I/O."""
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -12,6 +11,7 @@ import structlog
 from adapters.http.exchange import Exchange
 from adapters.postgres.audit import AuditWriter, PromptLogWriter
 from adapters.prometheus import GatewayMetrics
+from gateway_core.ids import new_id
 
 _log = structlog.get_logger("neuronetz.request")
 
@@ -28,7 +28,7 @@ class RequestObserver:
         p = ex.principal
         latency_ms = round(ex.latency_ms, 3)
         now = datetime.now(UTC)
-        self._audit.put((uuid.uuid4(), ex.request_id, p.key_prefix if p else None, p.tenant_id if p else None,
+        self._audit.put((new_id(), ex.request_id, p.key_prefix if p else None, p.tenant_id if p else None,
                          ex.model or ex.requested_model, ex.route, ex.tokens_in, ex.tokens_out, ex.status,
                          latency_ms, ex.client_ip or None, now))
         # ex.model is set only after the model policy accepted it: no caller-chosen label values.

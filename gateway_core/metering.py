@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections import deque
 
 import attrs
@@ -11,6 +10,7 @@ from attrs import define
 from gateway_core.admission import Admission, Denial, Settlement, Ticket
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
 from gateway_core.errors import BudgetExhausted, DependencyUnavailable, RateLimitExceeded
+from gateway_core.ids import new_id
 from gateway_core.models import Principal
 from gateway_core.ports import AdmissionStore, AdmissionView, Clock, LedgerEntry, UsageLedger
 from gateway_core.rate_headers import rate_limit_headers
@@ -90,7 +90,7 @@ class Metering:
 
     def _ticket(self, principal: Principal, prompt_tokens: int, completion_tokens: int) -> Ticket:
         return Ticket(
-            lease_id=uuid.uuid4().hex, tenant_id=principal.tenant_id, key_id=principal.key_id,
+            lease_id=new_id(), tenant_id=principal.tenant_id, key_id=principal.key_id,
             key_limits=principal.limits, tenant_limits=principal.tenant_limits, budget=principal.budget,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, now=self._clock.now(),
         )

@@ -178,7 +178,8 @@ def decode(raw: bytes) -> Any:
         raise InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.") from None
     except ValueError:
         raise InvalidRequest("The request body is not valid JSON.") from None
-    _check_depth(data)
+    if type(data) is dict or type(data) is list:  # a bare null, number or string has no depth
+        _check_depth(data)
     return data
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from typing import Protocol
 
 from aiohttp import web
 from attrs import define, field
 
+from gateway_core.ids import new_id
 from gateway_core.models import Principal
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -21,7 +21,7 @@ def request_id_for(request: web.Request) -> str:
     # A key pasted into the wrong header must not end up in the audit log or in our answer.
     if given and _REQUEST_ID_RE.match(given) and "nz_" not in given:
         return given
-    return uuid.uuid4().hex
+    return new_id()
 
 
 @define

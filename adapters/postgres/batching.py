@@ -175,6 +175,11 @@ class BatchWriter:
                         await self._recover()
                     while self._queue and not self._stopping:
                         await self.flush_once()
+                        # What arrived during that flush waits for the next tick unless it is a full
+                        # batch: flushing each remainder at once made batches of a few rows under
+                        # load, each paying a pool checkout, BEGIN and COMMIT (~0.1 ms per request).
+                        if len(self._queue) < self._batch_size:
+                            break
                     self.healthy = True
                     backoff = self._flush_every_s
                 except CONNECTION_ERRORS as exc:

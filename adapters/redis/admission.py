@@ -15,24 +15,27 @@ idempotent per lease id: the lease marker goes with the first, so a retry change
 
 from __future__ import annotations
 
-import json
+import asyncio
 import math
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
+import orjson
+from redis.asyncio import Redis, RedisCluster
 
 from adapters.redis.cluster import KeyedScript
 from adapters.redis.errors import redis_guard
+from adapters.redis.script_batch import ScriptBatch
 from gateway_core.admission import LEASE_TTL_S, Admission, Denial, Settlement, Ticket, WindowState
-from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Period
+from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Budget, Period
 from gateway_core.limits import WINDOW_S
 
 # A settlement for a request that began before a period rolled over still finds its counter.
 COUNTER_GRACE_S = 3600
 _UNLIMITED = -1
 _REDIS_TIME = -1
+_PERIODS = {p.value: p for p in Period}
 
 
 @cache
@@ -42,6 +45,10 @@ def _lua_source() -> str:
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+_LEASE_TTL_MS = _ms(LEASE_TTL_S)
+_WINDOW_MS = _ms(WINDOW_S)
 
 
 def _tag(tenant_id: int) -> str:
@@ -83,22 +90,34 @@ def _limit(value: int | None) -> int:
     return _UNLIMITED if value is None else value
 
 
+@lru_cache(maxsize=4096)
+def _caps_on(budget: Budget, day: int) -> tuple[tuple[Period, str, int, float | None], ...]:
+    """Per configured period: the period, its name, its cap and the epoch second it resets (None:
+    never). The same for one budget all day long, so worked out once a day, not per request."""
+    noon = day * 86400.0 + 43200.0
+    out = []
+    for period, cap in budget.caps().items():
+        to_reset = period.seconds_to_reset(noon)
+        out.append((period, period.value, cap, None if to_reset is None else noon + to_reset))
+    return tuple(out)
+
+
 def _admit_args(ticket: Ticket, seeds: dict[Period, int], now_ms: int) -> list[str | int]:
     k, t = ticket.key_limits, ticket.tenant_limits
     args: list[str | int] = [
         "admit", now_ms, ticket.lease_id, ticket.prompt_tokens, ticket.completion_tokens,
-        _ms(LEASE_TTL_S), _ms(WINDOW_S),
+        _LEASE_TTL_MS, _WINDOW_MS,
         _limit(k.concurrent), _limit(t.concurrent), _limit(k.rpm), _limit(t.rpm),
         _limit(k.tpm), _limit(t.tpm),
     ]
-    for period, cap in ticket.budget.caps().items():
-        to_reset = period.seconds_to_reset(ticket.now)
-        args += [
-            period.value, cap,
-            _UNLIMITED if to_reset is None else _ms(to_reset),
-            seeds.get(period, _UNLIMITED),
-            _UNLIMITED if to_reset is None else math.ceil(to_reset) + COUNTER_GRACE_S,
-        ]
+    now = ticket.now
+    for period, name, cap, reset_at in _caps_on(ticket.budget, int(now // 86400)):
+        if reset_at is None:
+            args += [name, cap, _UNLIMITED, seeds.get(period, _UNLIMITED), _UNLIMITED]
+        else:
+            to_reset = max(0.0, reset_at - now)
+            args += [name, cap, _ms(to_reset), seeds.get(period, _UNLIMITED),
+                     math.ceil(to_reset) + COUNTER_GRACE_S]
     return args
 
 
@@ -111,18 +130,19 @@ def _window(raw: list[int | float] | None) -> WindowState | None:
 
 def _admission(ticket: Ticket, out: dict[str, Any]) -> Admission:
     if out.get("missing"):
-        return Admission(granted=False, missing_periods=tuple(Period(p) for p in out["missing"]))
+        return Admission(granted=False, missing_periods=tuple(_PERIODS[p] for p in out["missing"]))
+    budget_period = out.get("budget_period")
     common: dict[str, Any] = {
         "requests": _window(out.get("rq")),
         "tokens": _window(out.get("tk")),
-        "budget_period": Period(out["budget_period"]) if "budget_period" in out else None,
+        "budget_period": None if budget_period is None else _PERIODS[budget_period],
         "budget_remaining": out.get("budget_remaining"),
     }
     if out["granted"]:
         reserved = int(out["reserved"])
         return Admission(
             granted=True, completion_tokens=int(out["completion"]),
-            reserved={p: reserved for p in ticket.budget.caps()}, **common,
+            reserved={c[0]: reserved for c in _caps_on(ticket.budget, int(ticket.now // 86400))}, **common,
         )
     denial = Denial(out["denial"])
     if denial is Denial.BUDGET:
@@ -146,8 +166,13 @@ class RedisAdmission:
     def __init__(self, redis: Redis, *, redis_time: bool = True) -> None:
         self._redis = redis
         self._redis_time = redis_time
-        # EVALSHA; EVAL once on a node that answers NOSCRIPT (also after a cluster failover).
-        self._script = KeyedScript(redis, _lua_source())
+        # EVALSHA; on one node, admissions, settlements, releases and renewals of concurrent requests
+        # share one pipelined round trip (a NOSCRIPT answer loads the script and resends those
+        # calls). redis-py refuses scripts in a cluster pipeline: there each call is its own EVALSHA,
+        # with EVAL on the key's node when a promoted replica lacks the script.
+        self._batch: ScriptBatch | KeyedScript = (
+            KeyedScript(redis, _lua_source()) if isinstance(redis, RedisCluster)
+            else ScriptBatch(redis, _lua_source()))
 
     def _now(self, now: float) -> int:
         return _REDIS_TIME if self._redis_time else _ms(now)
@@ -155,28 +180,24 @@ class RedisAdmission:
     async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None) -> Admission:
         """One atomic round trip; a denial or a `missing_periods` answer consumes nothing."""
         async with redis_guard():
-            raw = await self._script(keys=_keys(ticket),
-                                     args=_admit_args(ticket, seeds or {}, self._now(ticket.now)))
-        return _admission(ticket, json.loads(raw))
+            raw = await self._batch.call(_keys(ticket),
+                                         _admit_args(ticket, seeds or {}, self._now(ticket.now)))
+        return _admission(ticket, orjson.loads(raw))
 
     async def settle(self, settlement: Settlement) -> None:
         """Drop the lease, replace the tpm estimate by the real count and correct the budgets."""
         ticket = settlement.ticket
         real = settlement.prompt_tokens + settlement.completion_tokens
         async with redis_guard():
-            await self._script(
-                keys=_keys(ticket),
-                args=["settle", self._now(ticket.now), ticket.lease_id, real, settlement.reserved_tokens],
-            )
+            await self._batch.call(_keys(ticket), ["settle", self._now(ticket.now), ticket.lease_id, real,
+                                                   settlement.reserved_tokens])
 
     async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
         """Give back the lease, the tpm entry and the budget reservation of a request that produced
         no tokens. Its rpm entry stays: an attempt counts against requests per minute."""
         async with redis_guard():
-            await self._script(
-                keys=_keys(ticket),
-                args=["release", self._now(ticket.now), ticket.lease_id, 0, reserved_tokens],
-            )
+            await self._batch.call(_keys(ticket),
+                                   ["release", self._now(ticket.now), ticket.lease_id, 0, reserved_tokens])
 
     async def renew(self, tickets: list[Ticket], now: float) -> None:
         """Push the leases of in-flight *tickets* to now + LEASE_TTL_S (Redis time), in one pipelined
@@ -184,6 +205,6 @@ class RedisAdmission:
         if not tickets:
             return
         async with redis_guard():
-            await self._script.run_many([
-                (_keys(ticket), ["renew", self._now(now), ticket.lease_id, _ms(LEASE_TTL_S)])
-                for ticket in tickets])
+            calls = [self._batch.call(_keys(t), ["renew", self._now(now), t.lease_id, _ms(LEASE_TTL_S)])
+                     for t in tickets]
+            await asyncio.gather(*calls)

@@ -56,19 +56,6 @@ class KeyedScript:
         except NoScriptError:
             return await self._redis.eval(self._source, len(keys), *keys, *args)
 
-    async def run_many(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Several runs in one pipelined round trip (no transaction: on a cluster the client splits
-        it per node); sent again with EVAL when a node lacks the script. redis-py refuses scripts in a
-        cluster pipeline, so there the runs go concurrently, one round trip each."""
-        if isinstance(self._redis, RedisCluster):
-            return list(await asyncio.gather(*(self(keys, args) for keys, args in calls)))
-        pipe = self._redis.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(self.sha, len(keys), *keys, *args)
-        try:
-            return list(await pipe.execute())
-        except NoScriptError:
-            pipe = self._redis.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.eval(self._source, len(keys), *keys, *args)
-            return list(await pipe.execute())
+    def call(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """The same call as ScriptBatch.call: one script run, its reply as a future."""
+        return asyncio.ensure_future(self(keys, args))
