@@ -14,18 +14,27 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from adapters.redis.cluster import KeyedScript
 from adapters.redis.errors import redis_guard
 
 DISCOVERED_KEY = "gateway:models:discovered"
 # The SPEC names the first key; the others take its whole name as their hash tag, so all three live in
-# its Redis Cluster slot and the MULTI that writes names and entries together stays in one slot.
+# its Redis Cluster slot and the script that writes names and entries together stays in one slot.
 ENTRIES_KEY = "{gateway:models:discovered}:entries"
 POLL_LOCK_KEY = "{gateway:models:discovered}:poll-lock"
+# Names and entries together, atomically. A script rather than MULTI: redis-py's cluster client runs a
+# MULTI that meets a moved slot in a thread with an event loop of its own, which breaks the client.
+_STORE = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 
 
 class RedisDiscoveryCache:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._store = KeyedScript(redis, _STORE)
 
     async def discovered(self) -> list[str] | None:
         async with redis_guard():
@@ -59,10 +68,7 @@ class RedisDiscoveryCache:
         ttl_ms = int(ttl_s * 1000)
         value: Any = entries if backends is None else {"entries": entries, "backends": backends}
         async with redis_guard():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(DISCOVERED_KEY, json.dumps(names), px=ttl_ms)
-            pipe.set(ENTRIES_KEY, json.dumps(value), px=ttl_ms)
-            await pipe.execute()
+            await self._store([DISCOVERED_KEY, ENTRIES_KEY], [json.dumps(names), json.dumps(value), ttl_ms])
 
     async def try_poll_lock(self, owner: str, hold_s: float) -> bool:
         """True when this replica may poll now; the lock lapses on its own if that replica dies."""
