@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -74,12 +73,3 @@ class RedisHealth:
     async def stop(self) -> None:
         await cancel_and_wait([self._task])
 
-
-class TrustedWhenAll:
-    """A ChangeFeed that is trusted only while every part is."""
-
-    def __init__(self, *checks: Callable[[], bool]) -> None:
-        self._checks = checks
-
-    def trusted(self) -> bool:
-        return all(check() for check in self._checks)

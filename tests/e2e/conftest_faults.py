@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,15 @@ async def wait_for_ledger(database_url: str, prefix: str, expected: tuple[int, i
     return got
 
 
+async def wait_for_exit(proc: subprocess.Popen[bytes], timeout_s: float, tail: Callable[[], str]) -> int:
+    """Exit code, waited for without blocking the loop (an in-process fake Ollama runs on it)."""
+    deadline = time.monotonic() + timeout_s
+    while (code := proc.poll()) is None:
+        assert time.monotonic() < deadline, f"gateway still running after {timeout_s}s:\n{tail()}"
+        await asyncio.sleep(0.05)
+    return code
+
+
 class GatewayProcess:
     """`neuronetz-gateway serve` as its own process, configured the way an operator would: env vars."""
 
@@ -190,13 +199,8 @@ class GatewayProcess:
         self.proc.send_signal(signal.SIGTERM)
 
     async def wait(self, timeout_s: float) -> int:
-        """Exit code, waited for without blocking the loop (an in-process fake Ollama runs on it)."""
         assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while (code := self.proc.poll()) is None:
-            assert time.monotonic() < deadline, f"gateway still running {timeout_s}s after SIGTERM"
-            await asyncio.sleep(0.05)
-        return code
+        return await wait_for_exit(self.proc, timeout_s, self.tail)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

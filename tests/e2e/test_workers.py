@@ -26,6 +26,7 @@ import pytest_asyncio
 from entrypoints.app import open_admin
 from gateway_core.limits import Limits
 from gateway_core.models import ALL_SCOPES
+from tests.e2e.conftest_faults import wait_for_exit
 from tests.e2e.harness import CLI, gateway_settings
 from tests.fake_ollama import FakeOllama
 from tests.services import free_port
@@ -84,11 +85,7 @@ class Workers:
 
     async def wait(self, timeout_s: float) -> int:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while (code := self.proc.poll()) is None:
-            assert time.monotonic() < deadline, f"gateway still running after {timeout_s}s:\n{self.tail()}"
-            await asyncio.sleep(0.05)
-        return code
+        return await wait_for_exit(self.proc, timeout_s, self.tail)
 
     def kill(self) -> None:
         """Teardown: the supervisor and every worker it started, whatever state the test left."""
