@@ -69,6 +69,10 @@ class Delivery(Protocol):
         """Relay a stream to the caller, recording progress in *relayed*."""
         ...
 
+    async def deliver(self, answer: Answer) -> None:
+        """Send a complete answer to the caller (its settlement is already on its way)."""
+        ...
+
 
 class Forwarding:
     def __init__(self, metering: Metering, upstream: Upstream) -> None:
@@ -94,8 +98,8 @@ class Forwarding:
         release.add_done_callback(self._orphans.discard)
 
     async def forward(self, principal: Principal, request: CallerRequest, model: str,
-                      delivery: Delivery, *, want_text: bool = False) -> Answer | None:
-        """The answer (None when a stream was relayed); raises the §3.3 error otherwise."""
+                      delivery: Delivery, *, want_text: bool = False) -> None:
+        """Relay or deliver the answer through *delivery*; raises the §3.3 error otherwise."""
         grant = await self.admit(principal, request)
         delivery.admitted(grant)
         sent = False
@@ -110,8 +114,8 @@ class Forwarding:
                 await lane.record(Outcome.OK)
                 if request.stream:
                     await self._stream(lane, grant, answer, delivery)
-                    return None
-                return await self._complete(grant, request, answer, delivery, want_text)
+                else:
+                    await self._complete(grant, request, answer, delivery, want_text)
         except UpstreamUnavailable as exc:
             if lane is not None:
                 if exc.__cause__ is not None:
@@ -168,7 +172,7 @@ class Forwarding:
         return UpstreamUnavailable(retry_after_s=1.0)
 
     async def _complete(self, grant: Grant, request: CallerRequest, answer: UpstreamAnswer,
-                        delivery: Delivery, want_text: bool) -> Answer:
+                        delivery: Delivery, want_text: bool) -> None:
         raw = await answer.read()
         route = request.route
         text: str | None = None
@@ -183,8 +187,15 @@ class Forwarding:
             if want_text:
                 text = answer_text(parsed)
         prompt, completion = usage or (grant.ticket.prompt_tokens, 0)
-        await self._settle(grant, delivery, prompt, completion)
-        return Answer(raw, text)
+        # The caller does not wait for Redis: the charge is in the ledger now and the Redis half is
+        # queued before this loop reads anything new, so the key's next admission (which can only
+        # arrive after this answer) is ordered after it on the same connection (SPEC §6.2).
+        delivery.charged(prompt, completion)
+        settling = self._metering.settle_soon(grant, prompt, completion)
+        try:
+            await delivery.deliver(Answer(raw, text))
+        finally:
+            await asyncio.shield(settling)
 
     async def _stream(self, lane: UpstreamLane, grant: Grant, answer: UpstreamAnswer,
                       delivery: Delivery) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 
 import attrs
@@ -97,15 +98,32 @@ class Metering:
 
     async def settle(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> None:
         """Charge real usage (SPEC §6.2); the unused part of the reservation returns."""
+        settlement = self._charge(grant, prompt_tokens, completion_tokens)
+        if settlement is not None:
+            await self._settle_store(settlement)
+
+    def settle_soon(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> asyncio.Future[None]:
+        """`settle`, with the charge made before this returns and the Redis half running on its own:
+        the answer can go out while it does. Await the future before the request counts as done."""
+        settlement = self._charge(grant, prompt_tokens, completion_tokens)
+        if settlement is None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return asyncio.ensure_future(self._settle_store(settlement))
+
+    def _charge(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> Settlement | None:
         if grant.settled:
-            return
+            return None
         grant.settled = True
         self.in_flight.pop(grant.ticket.lease_id, None)
-        now = self._clock.now()
         # The admission's period instances, as in Redis: a stream crossing midnight stays on its day.
         self._ledger.record(LedgerEntry(grant.ticket.lease_id, grant.ticket.key_id, grant.ticket.now,
                                         prompt_tokens, completion_tokens))
-        settlement = Settlement(grant.ticket, grant.reserved_tokens, prompt_tokens, completion_tokens, now)
+        return Settlement(grant.ticket, grant.reserved_tokens, prompt_tokens, completion_tokens,
+                          self._clock.now())
+
+    async def _settle_store(self, settlement: Settlement) -> None:
         try:
             await self._store.settle(settlement)
         except DependencyUnavailable:

@@ -44,7 +44,8 @@ class Exchange:
     requested_model: str | None = None
     # For a 503: which dependency refused and the class of its error (logged, never shown).
     dependency: str | None = None
-    # The stream response once one was started: after that, an error can only end it, never
+    # The response once the handler started writing it (a stream, or a complete answer written
+    # before its settlement finished): after that, an error can only end it, never
     # replace it with a second response on the same connection.
     stream: web.StreamResponse | None = None
 

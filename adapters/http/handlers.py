@@ -25,7 +25,7 @@ from gateway_core.errors import (
     RequestTooLarge,
     ScopeNotAllowed,
 )
-from gateway_core.forwarding import Relayed
+from gateway_core.forwarding import Answer, Relayed
 from gateway_core.metering import Grant
 from gateway_core.models import Principal
 from gateway_core.ports import UpstreamAnswer
@@ -91,6 +91,24 @@ class HttpDelivery:
     def charged(self, prompt_tokens: int, completion_tokens: int) -> None:
         self._ex.tokens_in, self._ex.tokens_out = prompt_tokens, completion_tokens
 
+    async def deliver(self, answer: Answer) -> None:
+        """The answer is written here, not after the handler returns, so the settlement's Redis
+        round trip overlaps the caller reading it instead of delaying it."""
+        ex = self._ex
+        if answer.text is not None:
+            ex.response_text = answer.text
+        out = web.Response(body=answer.body, content_type="application/json",
+                           headers={**ex.headers, "X-Request-Id": ex.request_id})
+        self.response = ex.stream = out
+        try:
+            await out.prepare(self._request)
+            await out.write_eof()
+        except ConnectionError:
+            ex.status = 499  # charged all the same: the model did the work
+            return
+        # Delivered: a caller that hangs up while the settlement finishes still got its answer.
+        ex.status = 200
+
     async def relay(self, answer: UpstreamAnswer, relayed: Relayed) -> None:
         ex = self._ex
         sse = self._caller.route.framing is Framing.OPENAI
@@ -142,14 +160,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         ex.prompt_text = caller.prompt_text()
     delivery = HttpDelivery(request, ex, caller)
     assert svc.forwarding is not None
-    answer = await svc.forwarding.forward(principal, caller, ex.model, delivery,
-                                          want_text=ex.prompt_text is not None)
-    if answer is None:
-        assert delivery.response is not None
-        return delivery.response
-    if answer.text is not None:
-        ex.response_text = answer.text
-    return web.Response(body=answer.body, content_type="application/json", headers=ex.headers)
+    await svc.forwarding.forward(principal, caller, ex.model, delivery, want_text=ex.prompt_text is not None)
+    assert delivery.response is not None
+    return delivery.response
 
 
 def _owned_by(name: str) -> str:

@@ -17,7 +17,7 @@ from gateway_core.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
-from gateway_core.forwarding import Forwarding, Relayed
+from gateway_core.forwarding import Answer, Forwarding, Relayed
 from gateway_core.limits import Limits
 from gateway_core.metering import Grant, Metering
 from gateway_core.models import Principal, Scope
@@ -76,12 +76,16 @@ class Recorder:
         self.grant: Grant | None = None
         self.charges: list[tuple[int, int]] = []
         self.on_relay = on_relay
+        self.delivered: Answer | None = None
 
     def admitted(self, grant: Grant) -> None:
         self.grant = grant
 
     def charged(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.charges.append((prompt_tokens, completion_tokens))
+
+    async def deliver(self, answer: Answer) -> None:
+        self.delivered = answer
 
     async def relay(self, answer: UpstreamAnswer, relayed: Relayed) -> None:
         async for _ in answer.chunks():
@@ -125,8 +129,8 @@ def charged(rig: Rig) -> list[tuple[int, float, int, int]]:
 
 async def test_success_settles_real_usage_once() -> None:
     rig, delivery = Rig(), Recorder()
-    answer = await rig.forwarding.forward(PRINCIPAL, rig.request(), "m:latest", delivery)
-    assert answer is not None and answer.body == ANSWER
+    await rig.forwarding.forward(PRINCIPAL, rig.request(), "m:latest", delivery)
+    assert delivery.delivered is not None and delivery.delivered.body == ANSWER
     assert charged(rig) == [(5, rig.clock.now(), 7, 3)]
     assert delivery.charges == [(7, 3)] and rig.upstream.outcomes == [Outcome.OK]
     rig.assert_ended_once(delivery)
@@ -234,8 +238,8 @@ async def test_a_redis_failure_at_settlement_still_delivers_and_is_put_right_lat
             rig.store.down = True
 
     rig.store.admit = admit_while_up  # type: ignore[method-assign]
-    answer = await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
-    assert answer is not None and answer.body == ANSWER  # delivered, not a 503
+    await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+    assert delivery.delivered is not None and delivery.delivered.body == ANSWER  # not a 503
     assert charged(rig) == [(5, rig.clock.now(), 7, 3)]
     assert len(rig.metering.unsettled) == 1
     with pytest.raises(DependencyUnavailable):
@@ -248,6 +252,43 @@ async def test_a_redis_failure_at_settlement_still_delivers_and_is_put_right_lat
     assert await rig.slot_is_free()
 
 
+class SlowReader(Recorder):
+    """A caller still reading its answer; what the gateway has done by then is recorded."""
+
+    def __init__(self, rig: Rig, *, hang_up: bool = False) -> None:
+        super().__init__()
+        self.rig, self.hang_up = rig, hang_up
+        self.seen: tuple[int, int] | None = None
+
+    async def deliver(self, answer: Answer) -> None:
+        assert self.grant is not None
+        # Charged before the first byte goes out; Redis may still be settling meanwhile.
+        self.seen = (len(self.rig.ledger.entries), self.rig.store.ends[self.grant.ticket.lease_id])
+        await asyncio.sleep(0.01)
+        if self.hang_up:
+            raise asyncio.CancelledError
+        self.delivered = answer
+
+
+async def test_a_complete_answer_is_charged_before_delivery_and_settled_once_after() -> None:
+    rig = Rig()
+    delivery = SlowReader(rig)
+    await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+    assert delivery.seen is not None and delivery.seen[0] == 1  # in the ledger before delivery
+    assert delivery.delivered is not None and charged(rig) == [(5, rig.clock.now(), 7, 3)]
+    rig.assert_ended_once(delivery)  # and settled in Redis by the time forward returns
+    assert await rig.slot_is_free()
+
+
+async def test_a_caller_gone_while_reading_the_answer_is_charged_the_real_usage_once() -> None:
+    rig = Rig()
+    delivery = SlowReader(rig, hang_up=True)
+    with pytest.raises(asyncio.CancelledError):
+        await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
+    assert charged(rig) == [(5, rig.clock.now(), 7, 3)]  # the model's count, not the prompt alone
+    rig.assert_ended_once(delivery)
+
+
 def _refused(kind: type[UpstreamUnavailable] = UpstreamUnreachable) -> UpstreamUnavailable:
     failure = kind(retry_after_s=1.0)
     failure.__cause__ = OSError("refused")
@@ -258,8 +299,8 @@ class TestSeveralBackends:
     async def test_a_connection_refused_before_sending_is_retried_once_on_another_backend(self) -> None:
         first, second = ScriptedUpstream(error=_refused()), ScriptedUpstream(ScriptedAnswer(body=ANSWER))
         rig, delivery = Rig(ScriptedBackends(first, second)), Recorder()
-        answer = await rig.forwarding.forward(PRINCIPAL, rig.request(), "m:latest", delivery)
-        assert answer is not None and answer.body == ANSWER
+        await rig.forwarding.forward(PRINCIPAL, rig.request(), "m:latest", delivery)
+        assert delivery.delivered is not None and delivery.delivered.body == ANSWER
         assert (first.outcomes, second.outcomes) == ([Outcome.BACKEND_FAILED], [Outcome.OK])
         assert second.picked == [("m:latest", frozenset({0}))]  # the failed one is avoided
         assert charged(rig) == [(5, rig.clock.now(), 7, 3)] and delivery.charges == [(7, 3)]
