@@ -59,9 +59,8 @@ end
 if op == 'settle' or op == 'release' then
   -- Once per lease: the first settle or release turns the marker into a tombstone, so a retry
   -- (say after a lost answer) is a no-op.
-  local at = redis.call('GET', marker)
+  local at = redis.call('SET', marker, 'done', 'EX', SETTLED_TTL_S, 'GET')
   if at == 'done' then return 'DONE' end
-  redis.call('SET', marker, 'done', 'EX', SETTLED_TTL_S)
   local real = tonumber(ARGV[4]) or 0
   local reserved = tonumber(ARGV[5])
   if not at then
@@ -75,18 +74,28 @@ if op == 'settle' or op == 'release' then
   redis.call('ZREM', KEYS[1], lease)
   redis.call('ZREM', KEYS[2], lease)
   local prefix = lease .. '|'
+  -- The admission logged the reservation itself, so the entry's name is known: one ZREM finds it.
+  -- Should the names ever differ (a number Lua formats otherwise), it is found by its score.
+  local logged = prefix .. ARGV[5]
   for _, pair in ipairs({{KEYS[5], KEYS[6]}, {KEYS[7], KEYS[8]}}) do
-    -- The entry keeps its admission time, so it is found by score without a scan.
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', pair[1], at, at)) do
-      if string.sub(m, 1, #prefix) == prefix then
-        local estimate = tokens_of(m)
-        redis.call('ZREM', pair[1], m)
-        if op == 'settle' then
-          redis.call('ZADD', pair[1], at, prefix .. real)
-          add_clamped(pair[2], real - estimate)
-        else
-          add_clamped(pair[2], -estimate)
+    local found = {}
+    if redis.call('ZREM', pair[1], logged) == 1 then
+      found[1] = logged
+    else
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', pair[1], at, at)) do
+        if string.sub(m, 1, #prefix) == prefix then
+          redis.call('ZREM', pair[1], m)
+          found[#found + 1] = m
         end
+      end
+    end
+    for _, m in ipairs(found) do
+      local estimate = tokens_of(m)
+      if op == 'settle' then
+        redis.call('ZADD', pair[1], at, prefix .. real)
+        add_clamped(pair[2], real - estimate)
+      else
+        add_clamped(pair[2], -estimate)
       end
     end
   end
@@ -184,9 +193,13 @@ for _, lv in ipairs(levels) do
 end
 
 local missing = {}
-for _, p in ipairs(periods) do
-  local used = redis.call('GET', p.key)
-  if used then p.used = tonumber(used) else missing[#missing + 1] = p.name end
+if #periods > 0 then
+  local keys = {}
+  for i, p in ipairs(periods) do keys[i] = p.key end
+  local values = redis.call('MGET', unpack(keys))
+  for i, p in ipairs(periods) do
+    if values[i] then p.used = tonumber(values[i]) else missing[#missing + 1] = p.name end
+  end
 end
 
 -- The binding window for the headers: least remaining after this decision, key level on a tie.

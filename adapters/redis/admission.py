@@ -26,10 +26,10 @@ from redis.asyncio import Redis, RedisCluster
 
 from adapters.redis.cluster import KeyedScript
 from adapters.redis.errors import redis_guard
-from adapters.redis.script_batch import ScriptBatch
+from adapters.redis.script_batch import Encoded, Part, ScriptBatch, encode
 from gateway_core.admission import LEASE_TTL_S, Admission, Denial, Settlement, Ticket, WindowState
 from gateway_core.budget import NO_RESET_RETRY_AFTER_S, Budget, Period
-from gateway_core.limits import WINDOW_S
+from gateway_core.limits import WINDOW_S, Limits
 
 # A settlement for a request that began before a period rolled over still finds its counter.
 COUNTER_GRACE_S = 3600
@@ -70,7 +70,33 @@ def shared_keys(ticket: Ticket) -> tuple[str, ...]:
 
 def _keys(ticket: Ticket) -> list[str]:
     shared = shared_keys(ticket)
-    return [*shared[:8], f"{_tag(ticket.tenant_id)}:ls:{ticket.lease_id}", *shared[8:]]
+    return [*shared[:8], _marker(ticket), *shared[8:]]
+
+
+def _marker(ticket: Ticket) -> str:
+    return f"{_tag(ticket.tenant_id)}:ls:{ticket.lease_id}"
+
+
+def _encoded_keys(ticket: Ticket) -> list[Part]:
+    """_keys, with what is the same for the key all day already in wire format."""
+    head, budgets = _encoded_shared(shared_keys(ticket))
+    return [head, _marker(ticket), budgets]
+
+
+@lru_cache(maxsize=4096)
+def _encoded_shared(shared: tuple[str, ...]) -> tuple[Encoded, Encoded]:
+    return encode(shared[:8]), encode(shared[8:])
+
+
+@lru_cache(maxsize=4096)
+def _encoded_limits(k: Limits, t: Limits) -> Encoded:
+    return encode(_limit_args(k, t))
+
+
+def _limit_args(k: Limits, t: Limits) -> list[int]:
+    return [_LEASE_TTL_MS, _WINDOW_MS,
+            _limit(k.concurrent), _limit(t.concurrent), _limit(k.rpm), _limit(t.rpm),
+            _limit(k.tpm), _limit(t.tpm)]
 
 
 @lru_cache(maxsize=4096)
@@ -102,14 +128,13 @@ def _caps_on(budget: Budget, day: int) -> tuple[tuple[Period, str, int, float | 
     return tuple(out)
 
 
-def _admit_args(ticket: Ticket, seeds: dict[Period, int], now_ms: int) -> list[str | int]:
+def _admit_args(ticket: Ticket, seeds: dict[Period, int], now_ms: int, encoded: bool) -> list[Part]:
     k, t = ticket.key_limits, ticket.tenant_limits
-    args: list[str | int] = [
-        "admit", now_ms, ticket.lease_id, ticket.prompt_tokens, ticket.completion_tokens,
-        _LEASE_TTL_MS, _WINDOW_MS,
-        _limit(k.concurrent), _limit(t.concurrent), _limit(k.rpm), _limit(t.rpm),
-        _limit(k.tpm), _limit(t.tpm),
-    ]
+    args: list[Part] = ["admit", now_ms, ticket.lease_id, ticket.prompt_tokens, ticket.completion_tokens]
+    if encoded:
+        args.append(_encoded_limits(k, t))
+    else:
+        args += _limit_args(k, t)
     now = ticket.now
     for period, name, cap, reset_at in _caps_on(ticket.budget, int(now // 86400)):
         if reset_at is None:
@@ -173,6 +198,11 @@ class RedisAdmission:
         self._batch: ScriptBatch | KeyedScript = (
             KeyedScript(redis, _lua_source()) if isinstance(redis, RedisCluster)
             else ScriptBatch(redis, _lua_source()))
+        # A cluster client routes by the key names, so it gets them as names.
+        self._encoded = isinstance(self._batch, ScriptBatch)
+
+    def _keys(self, ticket: Ticket) -> list[Any]:
+        return _encoded_keys(ticket) if self._encoded else _keys(ticket)
 
     def _now(self, now: float) -> int:
         return _REDIS_TIME if self._redis_time else _ms(now)
@@ -180,8 +210,8 @@ class RedisAdmission:
     async def admit(self, ticket: Ticket, seeds: dict[Period, int] | None = None) -> Admission:
         """One atomic round trip; a denial or a `missing_periods` answer consumes nothing."""
         async with redis_guard():
-            raw = await self._batch.call(_keys(ticket),
-                                         _admit_args(ticket, seeds or {}, self._now(ticket.now)))
+            args = _admit_args(ticket, seeds or {}, self._now(ticket.now), self._encoded)
+            raw = await self._batch.call(self._keys(ticket), args)
         return _admission(ticket, orjson.loads(raw))
 
     async def settle(self, settlement: Settlement) -> None:
@@ -189,14 +219,14 @@ class RedisAdmission:
         ticket = settlement.ticket
         real = settlement.prompt_tokens + settlement.completion_tokens
         async with redis_guard():
-            await self._batch.call(_keys(ticket), ["settle", self._now(ticket.now), ticket.lease_id, real,
-                                                   settlement.reserved_tokens])
+            await self._batch.call(self._keys(ticket), ["settle", self._now(ticket.now), ticket.lease_id,
+                                                        real, settlement.reserved_tokens])
 
     async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
         """Give back the lease, the tpm entry and the budget reservation of a request that produced
         no tokens. Its rpm entry stays: an attempt counts against requests per minute."""
         async with redis_guard():
-            await self._batch.call(_keys(ticket),
+            await self._batch.call(self._keys(ticket),
                                    ["release", self._now(ticket.now), ticket.lease_id, 0, reserved_tokens])
 
     async def renew(self, tickets: list[Ticket], now: float) -> None:
@@ -205,6 +235,6 @@ class RedisAdmission:
         if not tickets:
             return
         async with redis_guard():
-            calls = [self._batch.call(_keys(t), ["renew", self._now(now), t.lease_id, _ms(LEASE_TTL_S)])
+            calls = [self._batch.call(self._keys(t), ["renew", self._now(now), t.lease_id, _ms(LEASE_TTL_S)])
                      for t in tickets]
             await asyncio.gather(*calls)

@@ -4,21 +4,71 @@ Calls queue; a batch goes out as a single non-transactional pipeline of EVALSHA 
 MAX_IN_FLIGHT batches are on the wire at once: a lone call goes out on the next loop round (no
 added wait at concurrency 1), and under load the calls that arrive while a batch is out form the
 next one, so 64 concurrent admissions and settlements cost a few sends and reads, not 64 of each. Each
-script still runs atomically and in call order on one connection, so a caller that awaited its
+script still runs atomically and in call order on one connection, so a caller that queued its
 settlement before answering keeps "the next admission of a key sees the previous settlement".
+
+Each call is encoded to the wire format here, once, when it is queued: redis-py's general-purpose
+command packing cost more CPU than everything else on the admission path (docs/performance.md).
+Connections, authentication, reply parsing and errors stay redis-py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from attrs import frozen
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-_Call = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
+_Call = tuple[bytes, "asyncio.Future[Any]"]
 MAX_IN_FLIGHT = 2
+
+
+@frozen
+class Encoded:
+    """Script keys or arguments already in wire format (*count* bulk strings): what stays the same
+    for a principal all day is encoded once, not per request."""
+
+    wire: bytes
+    count: int
+
+
+def encode(items: Iterable[str | int]) -> Encoded:
+    """Bulk strings. Keys and arguments are ASCII (ids, numbers, fixed names); anything else is
+    encoded per item so the length prefixes stay byte counts."""
+    texts = [str(item) for item in items]
+    text = "".join([f"${len(t)}\r\n{t}\r\n" for t in texts])
+    if text.isascii():
+        return Encoded(text.encode("ascii"), len(texts))
+    wire = b"".join([b"$%d\r\n%b\r\n" % (len(raw), raw) for raw in (t.encode("utf-8") for t in texts)])
+    return Encoded(wire, len(texts))
+
+
+Part = str | int | Encoded
+
+
+def encode_evalsha(sha: str, keys: Sequence[Part], args: Sequence[Part]) -> bytes:
+    """EVALSHA as a RESP array."""
+    key_count = sum(p.count if isinstance(p, Encoded) else 1 for p in keys)
+    parts = [*keys, *args]
+    count = 3 + key_count + sum(p.count if isinstance(p, Encoded) else 1 for p in args)
+    wire = [b"*%d\r\n$7\r\nEVALSHA\r\n" % count, encode((sha, key_count)).wire]
+    plain: list[str | int] = []
+    for part in parts:
+        if isinstance(part, Encoded):
+            if plain:
+                wire.append(encode(plain).wire)
+                plain = []
+            wire.append(part.wire)
+        else:
+            plain.append(part)
+    if plain:
+        wire.append(encode(plain).wire)
+    return b"".join(wire)
 
 
 class ScriptBatch:
@@ -30,13 +80,13 @@ class ScriptBatch:
         # Strong references: a flush must finish even if every caller is cancelled meanwhile.
         self._flushes: set[asyncio.Task[None]] = set()
 
-    def call(self, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
+    def call(self, keys: Sequence[Part], args: Sequence[Part]) -> asyncio.Future[Any]:
         """Queue one script call; the future holds its reply, or the redis-py error it raised."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue and len(self._flushes) < MAX_IN_FLIGHT:
             loop.call_soon(self._flush)
-        self._queue.append((("EVALSHA", self._sha, len(keys), *keys, *args), future))
+        self._queue.append((encode_evalsha(self._sha, keys, args), future))
         return future
 
     def _flush(self) -> None:
@@ -82,12 +132,35 @@ class ScriptBatch:
                 future.set_result(reply)
 
     async def _send(self, batch: list[_Call]) -> list[Any]:
-        if len(batch) == 1:
-            try:
-                return [await self._redis.execute_command(*batch[0][0])]
-            except ResponseError as exc:
-                return [exc]
-        pipe = self._redis.pipeline(transaction=False)
-        for command, _ in batch:
-            pipe.execute_command(*command)
-        return list(await pipe.execute(raise_on_error=False))
+        """One write and the replies in order, on a pooled connection. A pooled connection that
+        Redis dropped (a restart) fails before any reply: that batch is sent once more on a fresh
+        connection, as the client's own retry does. A timeout is never retried (the scripts may
+        have run)."""
+        blob = b"".join(command for command, _ in batch)
+        try:
+            return await self._exchange(blob, len(batch))
+        except _NothingReadError:
+            return await self._exchange(blob, len(batch), retry=False)
+
+    async def _exchange(self, blob: bytes, count: int, retry: bool = True) -> list[Any]:
+        pool = self._redis.connection_pool
+        conn = await pool.get_connection()
+        replies: list[Any] = []
+        try:
+            await conn.send_packed_command(blob, check_health=False)
+            while len(replies) < count:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except RedisConnectionError as exc:
+            if retry and not replies:
+                raise _NothingReadError from exc
+            raise
+        finally:
+            await pool.release(conn)
+        return replies
+
+
+class _NothingReadError(Exception):
+    """A connection failed before any reply came back."""

@@ -174,6 +174,25 @@ class TestBudgets:
         expected_prompt = count_chat_prompt_tokens([{"role": "user", "content": content}])
         assert expected_prompt == ok[0]["usage"]["prompt_tokens"]
 
+    async def test_back_to_back_requests_each_see_the_previous_settlement(self, gateway: Gateway) -> None:
+        """An answer goes out before its settlement's Redis round trip ends (docs/performance.md);
+        the key's next request, sent the moment the answer arrives, must still find the slot free
+        (concurrent=1) and the budget moved by exactly the previous request's usage."""
+        secret, _, _ = await gateway.key(key_limits=Limits(concurrent=1), budget={"daily": 1_000_000})
+        body = _chat("back to back", max_tokens=40)
+        remaining: list[int] = []
+        used: list[int] = []
+        async with aiohttp.ClientSession() as http:
+            for _ in range(60):
+                status, headers, answer = await _post(http, gateway.url, secret, body=body)
+                assert status == 200, answer
+                remaining.append(int(headers["X-Budget-Tokens-Remaining"]))
+                used.append(answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"])
+        # Each header is the budget left after reserving that request; the reservation is the same
+        # for every one of these, so consecutive headers differ by the earlier request's real usage.
+        steps = [a - b for a, b in zip(remaining, remaining[1:], strict=False)]
+        assert steps == used[:-1]
+
     async def test_a_request_beyond_the_allowance_is_capped_and_the_headers_never_go_negative(
         self, gateway: Gateway
     ) -> None:
