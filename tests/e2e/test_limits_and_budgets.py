@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -190,7 +191,7 @@ class TestBudgets:
                 used.append(answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"])
         # Each header is the budget left after reserving that request; the reservation is the same
         # for every one of these, so consecutive headers differ by the earlier request's real usage.
-        steps = [a - b for a, b in zip(remaining, remaining[1:], strict=False)]
+        steps = [a - b for a, b in itertools.pairwise(remaining)]
         assert steps == used[:-1]
 
     async def test_a_request_beyond_the_allowance_is_capped_and_the_headers_never_go_negative(
