@@ -83,31 +83,45 @@ class ScriptBatch:
         # closes them with the rest of the pool.
         self._idle: list[Any] = []
         self._queue: list[_Call] = []
+        # The batch task created that has not taken the queue yet, if any.
+        self._starting: asyncio.Task[None] | None = None
         # Strong references: a flush must finish even if every caller is cancelled meanwhile.
         self._flushes: set[asyncio.Task[None]] = set()
 
     def call(self, keys: Sequence[Part], args: Sequence[Part]) -> asyncio.Future[Any]:
         """Queue one script call; the future holds its reply, or the redis-py error it raised."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue and len(self._flushes) < MAX_IN_FLIGHT:
-            loop.call_soon(self._flush)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((encode_evalsha(self._sha, keys, args), future))
+        if self._starting is None and len(self._flushes) < MAX_IN_FLIGHT:
+            self._start()
         return future
 
-    def _flush(self) -> None:
-        if not self._queue:
-            return
-        batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._run(batch))
+    def _start(self) -> None:
+        # The batch is taken when the task first runs, on the next loop round: every call queued
+        # until then goes with it, without a separate callback to gather them first.
+        task = asyncio.ensure_future(self._take_and_run())
+        self._starting = task
         self._flushes.add(task)
         task.add_done_callback(self._flushed)
 
+    async def _take_and_run(self) -> None:
+        self._starting = None
+        batch, self._queue = self._queue, []
+        if batch:
+            await self._run(batch)
+
     def _flushed(self, task: asyncio.Task[None]) -> None:
         self._flushes.discard(task)
+        if task is self._starting:
+            # Cancelled (shutdown) before it took its batch: nobody may wait forever.
+            self._starting = None
+            batch, self._queue = self._queue, []
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(RedisError("cancelled"))
         # What queued while the batches were out goes now, as one batch.
-        if self._queue and len(self._flushes) < MAX_IN_FLIGHT:
-            self._flush()
+        if self._queue and self._starting is None and len(self._flushes) < MAX_IN_FLIGHT:
+            self._start()
 
     async def _run(self, batch: list[_Call]) -> None:
         try:
