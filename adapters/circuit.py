@@ -7,11 +7,11 @@ requests share one consistent state. The rules themselves are gateway_core.routi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Collection, Sequence
+from types import TracebackType
 from typing import Any
 
-from adapters.ollama import OllamaAnswer, OllamaBackend
+from adapters.ollama import OllamaAnswer, OllamaBackend, UpstreamExchange
 from gateway_core.breaker import Breaker, CircuitState
 from gateway_core.errors import UpstreamUnavailable
 from gateway_core.ports import Clock
@@ -163,16 +163,40 @@ class OllamaLane:
         self.index = index
         self._model = model
 
-    @asynccontextmanager
-    async def post(self, path: str, body: bytes) -> AsyncIterator[OllamaAnswer]:
+    def post(self, path: str, body: bytes) -> _LanePost:
         try:
-            async with self._router.backends[self.index].open("POST", path, body) as resp:
-                yield OllamaAnswer(resp)
-        finally:
+            exchange = self._router.backends[self.index].open("POST", path, body)
+        except BaseException:
             self._router.finished(self.index)
+            raise
+        return _LanePost(self._router, self.index, exchange)
 
     async def record(self, outcome: Outcome) -> None:
         self._router.record(self.index, self._model, outcome)
 
     def seconds_to_half_open(self) -> float:
         return self._router.seconds_to_half_open(self.index, self._model)
+
+
+class _LanePost:
+    """The upstream exchange of one lane; its slot in the least-busy count is given back however it
+    ends. A class rather than a generator-based context manager: it is on every request's path."""
+
+    def __init__(self, router: BackendRouter, index: int, exchange: UpstreamExchange) -> None:
+        self._router = router
+        self._index = index
+        self._exchange = exchange
+
+    async def __aenter__(self) -> OllamaAnswer:
+        try:
+            return OllamaAnswer(await self._exchange.__aenter__())
+        except BaseException:
+            self._router.finished(self._index)
+            raise
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        try:
+            await self._exchange.__aexit__(kind, exc, tb)
+        finally:
+            self._router.finished(self._index)

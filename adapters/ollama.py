@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json as _json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -61,6 +61,50 @@ class OllamaAnswer:
         return message if isinstance(message, str) else None
 
 
+_JSON_BODY = {"Accept": "application/json", "Content-Type": "application/json"}
+_NO_BODY = {"Accept": "application/json"}
+
+
+class UpstreamExchange:
+    """One request to Ollama as an async context manager (a class, not a generator: it is on every
+    request's path). Failures to connect become UpstreamUnreachable (nothing was sent, so another
+    backend may be tried, SPEC §4.10); any other failure, UpstreamUnavailable."""
+
+    def __init__(self, session: aiohttp.ClientSession, method: str, url: URL, body: bytes | None,
+                 timeout: aiohttp.ClientTimeout) -> None:
+        self._session = session
+        self._method = method
+        self._url = url
+        self._body = body
+        self._timeout = timeout
+        self._resp: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        try:
+            self._resp = await self._session.request(
+                self._method, self._url, data=self._body, timeout=self._timeout, allow_redirects=False,
+                headers=_NO_BODY if self._body is None else _JSON_BODY)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise UpstreamUnreachable(retry_after_s=1.0) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(retry_after_s=1.0) from exc
+        return self._resp
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        resp = self._resp
+        assert resp is not None
+        if exc is not None:
+            resp.close()
+            if isinstance(exc, TimeoutError | aiohttp.ClientError | OSError):
+                raise UpstreamUnavailable(retry_after_s=1.0) from exc
+            return
+        if resp.content.at_eof():
+            resp.release()
+        else:
+            resp.close()
+
+
 class OllamaBackend:
     def __init__(self, base_url: str, *, timeout_s: float, connect_timeout_s: float = 5.0,
                  max_connections: int = 512) -> None:
@@ -85,39 +129,15 @@ class OllamaBackend:
         if self._session is not None:
             await self._session.close()
 
-    @asynccontextmanager
-    async def open(self, method: str, path: str, body: bytes | None = None,
-                   timeout_s: float | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+    def open(self, method: str, path: str, body: bytes | None = None,
+             timeout_s: float | None = None) -> UpstreamExchange:
         """A response to read or stream; leaving the block early closes the connection, which is
         what makes Ollama stop generating (reference §4.3)."""
         if (method, path) not in ALLOWED_UPSTREAM:
             raise ValueError(f"{method} {path} is not an allowed upstream call")
         assert self._session is not None, "OllamaBackend.start() was not awaited"
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
-        try:
-            resp = await self._session.request(method, self._urls[path], data=body, headers=headers,
-                                               timeout=timeout or self._timeout, allow_redirects=False)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            # No connection was made, so nothing was sent: safe to try another backend (SPEC §4.10).
-            raise UpstreamUnreachable(retry_after_s=1.0) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(retry_after_s=1.0) from exc
-        try:
-            yield resp
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            resp.close()
-            raise UpstreamUnavailable(retry_after_s=1.0) from exc
-        except BaseException:
-            resp.close()
-            raise
-        else:
-            if resp.content.at_eof():
-                resp.release()
-            else:
-                resp.close()
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else self._timeout
+        return UpstreamExchange(self._session, method, self._urls[path], body, timeout)
 
     async def get_json(self, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
         async with self.open("GET", path, timeout_s=timeout_s) as resp:

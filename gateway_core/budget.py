@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import math
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 
 from attrs import field, frozen
 from attrs.validators import ge, optional
@@ -20,12 +22,8 @@ class Period(enum.StrEnum):
 
     def start(self, now: float) -> date:
         """First UTC day of the period instance containing the epoch time *now*."""
-        today = datetime.fromtimestamp(now, UTC).date()
-        if self is Period.DAILY:
-            return today
-        if self is Period.MONTHLY:
-            return today.replace(day=1)
-        return TOTAL_PERIOD_START
+        # Several calls per request (keys, ledger rows), and the answer only changes at midnight.
+        return _start_on(self, math.floor(now / 86400))
 
     def seconds_to_reset(self, now: float) -> float | None:
         """Seconds until the next period instance begins; None for `total`, which never resets."""
@@ -43,6 +41,19 @@ class Period(enum.StrEnum):
 # CLI and `show-usage` spell periods as day/month/total (SPEC §7).
 USAGE_PERIOD_NAMES = {"day": Period.DAILY, "month": Period.MONTHLY, "total": Period.TOTAL}
 
+
+
+_EPOCH_ORDINAL = TOTAL_PERIOD_START.toordinal()
+
+
+@lru_cache(maxsize=512)
+def _start_on(period: Period, day: int) -> date:
+    today = date.fromordinal(_EPOCH_ORDINAL + day)
+    if period is Period.DAILY:
+        return today
+    if period is Period.MONTHLY:
+        return today.replace(day=1)
+    return TOTAL_PERIOD_START
 
 @frozen
 class Budget:
