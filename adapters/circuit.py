@@ -11,7 +11,8 @@ from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Any
 
-from adapters.ollama import OllamaAnswer, OllamaBackend, UpstreamExchange
+from adapters.ollama import OllamaAnswer, OllamaBackend
+from adapters.upstream_http import UpstreamExchange
 from gateway_core.breaker import Breaker, CircuitState
 from gateway_core.errors import UpstreamUnavailable
 from gateway_core.ports import Clock

@@ -1,17 +1,16 @@
-"""OllamaBackend: one pooled aiohttp client per Ollama server, for the only upstream paths the gateway
-may call. Choosing among several servers is adapters/circuit.py's job."""
+"""OllamaBackend: one pool of keep-alive connections per Ollama server, for the only upstream paths the
+gateway may call (adapters/upstream_http.py speaks the HTTP). Choosing among several servers is
+adapters/circuit.py's job."""
 
 from __future__ import annotations
 
+import asyncio
 import json as _json
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import Any
 
-import aiohttp
-from yarl import URL
-
-from gateway_core.errors import UpstreamUnavailable, UpstreamUnreachable
+from adapters.upstream_http import UpstreamExchange, UpstreamPool, UpstreamResponse
+from gateway_core.errors import UpstreamUnavailable
 
 # SPEC §3.2: the gateway calls Ollama only on this explicit allowlist.
 ALLOWED_UPSTREAM: frozenset[tuple[str, str]] = frozenset({
@@ -20,133 +19,75 @@ ALLOWED_UPSTREAM: frozenset[tuple[str, str]] = frozenset({
     ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
 })
 
-
-class UpstreamError(Exception):
-    """Ollama answered with a non-2xx status; carries the status only (its body is never shown)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"upstream status {status}")
-        self.status = status
+# Idle connections older than this are not reused (a server or a NAT in between may have dropped them).
+KEEPALIVE_S = 30.0
 
 
 class OllamaAnswer:
-    """The Upstream port's answer over one aiohttp response; read failures become 502s."""
+    """The Upstream port's answer; read failures are UpstreamUnavailable (502) already."""
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, resp: UpstreamResponse) -> None:
         self._resp = resp
 
     @property
     def status(self) -> int:
-        return self._resp.status
+        return self._resp.status or 0
 
     async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(retry_after_s=1.0) from exc
+        return await self._resp.read()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for piece in self._resp.content.iter_any():
-                yield piece
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(retry_after_s=1.0) from exc
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._resp.chunks()
 
     async def error_message(self) -> str | None:
         try:
             data = _json.loads(await self._resp.read())
-        except (ValueError, TimeoutError, aiohttp.ClientError, OSError):
+        except (ValueError, UpstreamUnavailable):
             return None
         message = data.get("error") if isinstance(data, dict) else None
         return message if isinstance(message, str) else None
-
-
-_JSON_BODY = {"Accept": "application/json", "Content-Type": "application/json"}
-_NO_BODY = {"Accept": "application/json"}
-
-
-class UpstreamExchange:
-    """One request to Ollama as an async context manager (a class, not a generator: it is on every
-    request's path). Failures to connect become UpstreamUnreachable (nothing was sent, so another
-    backend may be tried, SPEC §4.10); any other failure, UpstreamUnavailable."""
-
-    def __init__(self, session: aiohttp.ClientSession, method: str, url: URL, body: bytes | None,
-                 timeout: aiohttp.ClientTimeout) -> None:
-        self._session = session
-        self._method = method
-        self._url = url
-        self._body = body
-        self._timeout = timeout
-        self._resp: aiohttp.ClientResponse | None = None
-
-    async def __aenter__(self) -> aiohttp.ClientResponse:
-        try:
-            self._resp = await self._session.request(
-                self._method, self._url, data=self._body, timeout=self._timeout, allow_redirects=False,
-                headers=_NO_BODY if self._body is None else _JSON_BODY)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise UpstreamUnreachable(retry_after_s=1.0) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(retry_after_s=1.0) from exc
-        return self._resp
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        resp = self._resp
-        assert resp is not None
-        if exc is not None:
-            resp.close()
-            if isinstance(exc, TimeoutError | aiohttp.ClientError | OSError):
-                raise UpstreamUnavailable(retry_after_s=1.0) from exc
-            return
-        if resp.content.at_eof():
-            resp.release()
-        else:
-            resp.close()
 
 
 class OllamaBackend:
     def __init__(self, base_url: str, *, timeout_s: float, connect_timeout_s: float = 5.0,
                  max_connections: int = 512) -> None:
         self._base_url = base_url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=timeout_s)
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        # Parsed once: building a URL from a string was a measurable part of every upstream call.
-        self._urls = {path: URL(self._base_url + path) for _, path in ALLOWED_UPSTREAM}
+        self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30,
-                                         enable_cleanup_closed=True)
-        # No cookies, no caller headers, no proxy from the environment: every request is ours.
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"), trust_env=False, read_bufsize=2**22,
-            # Bytes are relayed as they come: no Accept-Encoding is sent, so none come compressed.
-            auto_decompress=False)
+        self._pool = UpstreamPool(self._base_url, limit=self._max_connections, keepalive_s=KEEPALIVE_S,
+                                  connect_timeout_s=self._connect_timeout_s)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     def open(self, method: str, path: str, body: bytes | None = None,
              timeout_s: float | None = None) -> UpstreamExchange:
         """A response to read or stream; leaving the block early closes the connection, which is
-        what makes Ollama stop generating (reference §4.3)."""
+        what makes Ollama stop generating (reference §4.3). *timeout_s*: the longest wait for data
+        (default: the upstream timeout)."""
         if (method, path) not in ALLOWED_UPSTREAM:
             raise ValueError(f"{method} {path} is not an allowed upstream call")
-        assert self._session is not None, "OllamaBackend.start() was not awaited"
-        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else self._timeout
-        return UpstreamExchange(self._session, method, self._urls[path], body, timeout)
+        assert self._pool is not None, "OllamaBackend.start() was not awaited"
+        return UpstreamExchange(self._pool, method, path, body, timeout_s or self._timeout_s)
 
     async def get_json(self, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
-        async with self.open("GET", path, timeout_s=timeout_s) as resp:
-            if resp.status != 200:
-                raise UpstreamUnavailable()
-            try:
-                data = _json.loads(await resp.read())
-            except ValueError as exc:
-                raise UpstreamUnavailable(retry_after_s=1.0) from exc
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.open("GET", path, timeout_s=timeout_s) as resp:
+                    if resp.status != 200:
+                        raise UpstreamUnavailable()
+                    raw = await resp.read()
+        except TimeoutError as exc:
+            raise UpstreamUnavailable(retry_after_s=1.0) from exc
+        try:
+            data = _json.loads(raw)
+        except ValueError as exc:
+            raise UpstreamUnavailable(retry_after_s=1.0) from exc
         if not isinstance(data, dict):
             raise UpstreamUnavailable()
         return data

@@ -141,13 +141,18 @@ class BatchWriter:
         10.6 s, past `docker stop`'s 10 s, whose SIGKILL would lose every row not yet spooled."""
         self._stopping = True
         self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         if self._task is not None:
+            # A flush under way ends first (the loop stops after it): cancelled between its commit
+            # and dropping its rows from the queue, it would leave them to be written a second time.
+            await asyncio.wait({self._task}, timeout=timeout_s)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if not self._failing:
             try:
-                await asyncio.wait_for(self._drain(), timeout=timeout_s)
+                await asyncio.wait_for(self._drain(), timeout=max(0.0, deadline - loop.time()))
             except (TimeoutError, psycopg.Error, PoolTimeout, OSError):
                 pass
         if self._queue:

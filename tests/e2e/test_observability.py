@@ -205,10 +205,25 @@ def parse_metrics(text: str) -> list[Sample]:
 
 
 async def scrape(http: aiohttp.ClientSession, served: Served) -> tuple[str, list[Sample]]:
-    async with http.get(served.metrics_url, headers={"Accept": "text/plain"}) as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return text, parse_metrics(text)
+    """The metrics once the requests answered so far are all in them: a complete answer goes out
+    before its settlement ends, and the request is counted just after that (docs/performance.md)."""
+    async def once() -> tuple[str, list[Sample]]:
+        async with http.get(served.metrics_url, headers={"Accept": "text/plain"}) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        return text, parse_metrics(text)
+
+    def counted(samples: list[Sample]) -> list[tuple[Any, float]]:
+        return sorted((s.labels, s.value) for s in samples if s.name == "gateway_requests_total")
+
+    text, samples = await once()
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        again_text, again = await once()
+        if counted(again) == counted(samples):
+            break
+        text, samples = again_text, again
+    return text, samples
 
 
 def value(samples: list[Sample], name: str, **labels: str) -> float:
