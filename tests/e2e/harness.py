@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -116,3 +117,12 @@ async def run_cli(gateway: Gateway, *args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def early_in_a_minute(needed_s: float = 20.0) -> None:
+    """Failed authentications are counted in two fixed one-minute buckets weighted by overlap (SPEC
+    §3.1): a few failures straddling a minute boundary can count as fewer than they are. A test
+    that needs its failures to block starts where the current minute has *needed_s* left."""
+    left = 60.0 - time.time() % 60.0
+    if left < needed_s:
+        await asyncio.sleep(left + 0.05)

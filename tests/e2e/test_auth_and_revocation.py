@@ -24,7 +24,7 @@ from entrypoints.app import open_admin
 from gateway_core.admin import KEEP
 from gateway_core.api_keys import cache_digest
 from gateway_core.models import Scope
-from tests.e2e.harness import Gateway, gateway_settings, run_cli, running_gateway
+from tests.e2e.harness import Gateway, early_in_a_minute, gateway_settings, run_cli, running_gateway
 from tests.fake_ollama import FakeOllama
 from tests.services import redis_client
 
@@ -338,6 +338,7 @@ async def test_failed_authentication_is_limited_per_address_before_any_hash(
         cached, _, tenant = await gw.key()
         uncached, _, _ = await gw.key(tenant=tenant)
         assert (await _timed(http, gw, bearer(cached)))[0] == 200
+        await early_in_a_minute()
 
         # Five wrong secrets for a real prefix: each one costs a full argon2id verification.
         hashed = [await _timed(http, gw, bearer(forged(cached))) for _ in range(5)]

@@ -23,7 +23,7 @@ from gateway_core.breaker import CircuitState
 from gateway_core.errors import DependencyUnavailable
 from gateway_core.limits import Limits
 from gateway_core.request import fold
-from tests.e2e.harness import Gateway, audit_row, gateway_settings, running_gateway
+from tests.e2e.harness import Gateway, audit_row, early_in_a_minute, gateway_settings, running_gateway
 from tests.e2e.test_upstream_hygiene import assert_error, bearer, upstream
 from tests.fake_ollama import FakeOllama, completion_text
 
@@ -330,6 +330,7 @@ async def test_an_address_blocked_for_failed_auth_is_refused_before_its_body_is_
             huge_and_broken = b'{"model": "' + b"x" * (4 << 20) + b'", '  # 4 MiB, and not JSON
             # A caller without a working key gets 401, not a parse of its body (no 400 tells it
             # anything about the body before it has proven who it is).
+            await early_in_a_minute()
             status, _, payload = await _post(http, gw.url + "/api/chat", wrong, huge_and_broken)
             assert status == 401 and payload["error"]["code"] == "invalid_api_key"
             for _ in range(3):

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from adapters.http.client_address import TrustedProxies
-from tests.e2e.harness import Gateway, gateway_settings, running_gateway
+from tests.e2e.harness import Gateway, early_in_a_minute, gateway_settings, running_gateway
 from tests.e2e.test_auth_and_revocation import bearer, unknown_key
 from tests.fake_ollama import FakeOllama
 
@@ -30,6 +30,7 @@ async def gateway_trusting(proxies: str, database_url: str, redis_url: str, fake
     # Starting flushes Redis: the proxy's own address (the test client's) has no failures from
     # other tests.
     async with running_gateway(settings, fake) as gw:
+        await early_in_a_minute()
         yield gw
 
 
