@@ -5,6 +5,7 @@ caller cannot dodge the limit by inventing addresses. The test client connects f
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -49,8 +50,10 @@ async def exposed(database_url: str, redis_url: str, fake: FakeOllama, tmp_path:
 
 
 def fresh_address() -> str:
-    """A documentation address no other test uses, so per-IP counters start at zero."""
-    return f"2001:db8:{secrets.token_hex(2)}:{secrets.token_hex(2)}::{secrets.randbelow(9000) + 1}"
+    """A documentation address no other test uses, so per-IP counters start at zero; written the
+    way the audit log (an `inet` column) writes it back: `0ca3` reads back as `ca3`."""
+    raw = f"2001:db8:{secrets.token_hex(2)}:{secrets.token_hex(2)}::{secrets.randbelow(9000) + 1}"
+    return str(ipaddress.ip_address(raw))
 
 
 async def _models(http: aiohttp.ClientSession, gw: Gateway, secret: str, forwarded_for: str | None = None
