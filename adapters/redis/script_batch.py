@@ -4,7 +4,7 @@ Calls queue; a batch goes out as a single non-transactional pipeline of EVALSHA 
 MAX_IN_FLIGHT batches are on the wire at once: a lone call goes out on the next loop round (no
 added wait at concurrency 1), and under load the calls that arrive while a batch is out form the
 next one, so 64 concurrent admissions and settlements cost a few sends and reads, not 64 of each. Each
-script still runs atomically and in call order on one connection, so a caller that queued its
+script still runs atomically, and batches are written in call order, so a caller that queued its
 settlement before answering keeps "the next admission of a key sees the previous settlement".
 
 Each call is encoded to the wire format here, once, when it is queued: redis-py's general-purpose
@@ -152,10 +152,10 @@ class ScriptBatch:
                 future.set_result(reply)
 
     async def _send(self, batch: list[_Call]) -> list[Any]:
-        """One write and the replies in order, on a pooled connection. A pooled connection that
-        Redis dropped (a restart) fails before any reply: that batch is sent once more on a fresh
-        connection, as the client's own retry does. A timeout is never retried (the scripts may
-        have run)."""
+        """One write and the replies in order, on one of the batcher's connections. A connection
+        that Redis dropped (a restart) fails before any reply: that batch is sent once more on a
+        fresh connection, as the client's own retry does. A timeout is never retried (the scripts
+        may have run)."""
         blob = b"".join(command for command, _ in batch)
         try:
             return await self._exchange(blob, len(batch))
