@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import NoReturn
 
 from attrs import frozen
@@ -60,6 +61,7 @@ class Authenticator:
     def __init__(self, ports: AuthPorts) -> None:
         self._p = ports
         self._dummy_hash: str | None = None
+        self._verifying: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def authenticate(self, authorization: str | None, client_ip: str) -> Principal:
         p = self._p
@@ -78,6 +80,22 @@ class Authenticator:
             # lock out callers whose keys already work (the block exists to protect the CPU).
             return cached
         await self._raise_if_blocked(client_ip)
+        # One verification per key at a time: when a busy key's cache entry expires, the requests
+        # that miss together share one argon2 run instead of each paying for (and allocating) one.
+        # They presented the same full key (the digest is of all of it), so they share its outcome;
+        # each failed caller's address is still counted on its own.
+        verifying = self._verifying.get(digest)
+        if verifying is None:
+            verifying = self._verifying[digest] = asyncio.ensure_future(self._verify(key, digest))
+            verifying.add_done_callback(lambda _: self._verifying.pop(digest, None))
+        principal = await asyncio.shield(verifying)
+        if principal is None:
+            await p.failures.record(client_ip, p.clock.now())
+            raise InvalidApiKey()
+        return principal
+
+    async def _verify(self, key: str, digest: str) -> Principal | None:
+        p = self._p
         # The mark comes first: a revocation committed after the load below moves the key's
         # generation past it, and the fill is refused (SPEC §4.5).
         mark = await p.cache.mark()
@@ -89,11 +107,9 @@ class Authenticator:
             verified = await p.hasher.verify(key, found[0])
         if found is None or not verified:
             await p.cache.put_negative(digest)
-            await p.failures.record(client_ip, p.clock.now())
-            raise InvalidApiKey()
-        principal = found[1]
-        await p.cache.put(digest, principal, mark)
-        return principal
+            return None
+        await p.cache.put(digest, found[1], mark)
+        return found[1]
 
     async def _dummy(self) -> str:
         if self._dummy_hash is None:

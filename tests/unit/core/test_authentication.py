@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway_core.api_keys import cache_digest, generate_key
@@ -49,6 +51,43 @@ class Rig:
         key = generate_key()
         self.source.keys[key.prefix] = (await InstantHasher().hash(key.secret), _principal(key.prefix))
         return key.secret
+
+
+class CountingHasher(InstantHasher):
+    def __init__(self) -> None:
+        self.verifications = 0
+
+    async def verify(self, secret: str, hashed: str) -> bool:
+        self.verifications += 1
+        await asyncio.sleep(0.01)  # an argon2 run takes a while; others arrive meanwhile
+        return await super().verify(secret, hashed)
+
+
+class TestOneVerificationPerKey:
+    async def test_requests_that_miss_the_cache_together_share_one_verification(self) -> None:
+        rig = Rig()
+        rig.hasher = hasher = CountingHasher()
+        rig.auth = Authenticator(AuthPorts(cache=rig.cache, source=rig.source, hasher=hasher,
+                                           failures=rig.failures, feed=rig.feed, clock=rig.clock))
+        secret, other = await rig.add_key(), await rig.add_key()
+        results = await asyncio.gather(*(rig.auth.authenticate(f"Bearer {k}", "1.2.3.4")
+                                         for k in [secret] * 20 + [other] * 5))
+        assert [r.key_prefix for r in results] == [secret[:12]] * 20 + [other[:12]] * 5
+        assert hasher.verifications == 2  # one per key, not one per request
+
+    async def test_a_wrong_key_shared_by_many_is_hashed_once_and_counted_per_caller(self) -> None:
+        rig = Rig(failures_per_minute=1000)
+        rig.hasher = hasher = CountingHasher()
+        rig.auth = Authenticator(AuthPorts(cache=rig.cache, source=rig.source, hasher=hasher,
+                                           failures=rig.failures, feed=rig.feed, clock=rig.clock))
+        secret = await rig.add_key()
+        wrong = secret[:12] + ("A" if secret[12] != "A" else "B") + secret[13:]
+        outcomes = await asyncio.gather(*(rig.auth.authenticate(f"Bearer {wrong}", f"10.0.0.{i}")
+                                          for i in range(10)), return_exceptions=True)
+        assert all(isinstance(o, InvalidApiKey) for o in outcomes)
+        assert hasher.verifications == 1
+        for i in range(10):  # every caller's address has its failure recorded
+            assert len(rig.failures.seen[f"10.0.0.{i}"]) == 1
 
 
 class TestAuthenticate:
