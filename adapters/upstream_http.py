@@ -24,7 +24,8 @@ from yarl import URL
 from gateway_core.errors import UpstreamUnavailable, UpstreamUnreachable
 
 # A stream whose caller reads slower than the model writes stops being read from the socket past
-# this many buffered bytes (TCP then slows the upstream down), and resumes below the low mark.
+# this many buffered bytes (TCP then slows the upstream down), and resumes below the low mark. Only
+# while it is read piece by piece: a complete answer (`read`) is wanted whole, whatever its size.
 _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 18
 
@@ -45,6 +46,7 @@ class UpstreamResponse:
         self.keep_alive = False
         self._pieces: deque[bytes] = deque()
         self._buffered = 0
+        self._streaming = False
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -57,7 +59,7 @@ class UpstreamResponse:
     def feed(self, piece: bytes) -> None:
         self._pieces.append(piece)
         self._buffered += len(piece)
-        if self._buffered > _HIGH_WATER and not self._paused:
+        if self._streaming and self._buffered > _HIGH_WATER and not self._paused:
             self._paused = True
             self._conn.pause_reading()
         self._wake()
@@ -110,6 +112,7 @@ class UpstreamResponse:
         return body
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        self._streaming = True
         while True:
             while self._pieces:
                 piece = self._pieces.popleft()
@@ -230,20 +233,18 @@ class UpstreamPool:
         self._open: set[UpstreamConnection] = set()
         self._connecting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._heads: dict[tuple[str, str, int | None], bytes] = {}
+        # Everything of a request head but its length, per allowlisted call (a handful).
+        self._heads: dict[tuple[str, str], bytes] = {}
 
     def head(self, method: str, path: str, length: int | None) -> bytes:
-        key = (method, path, length)
-        head = self._heads.get(key)
-        if head is None:
-            lines = [f"{method} {self._base_path}{path} HTTP/1.1", f"Host: {self._host_header}",
-                     "Accept: application/json"]
-            if length is not None:
-                lines += ["Content-Type: application/json", f"Content-Length: {length}"]
-            head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-            if len(self._heads) < 4096:
-                self._heads[key] = head
-        return head
+        start = self._heads.get((method, path))
+        if start is None:
+            start = self._heads[(method, path)] = (
+                f"{method} {self._base_path}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+                "Accept: application/json\r\n").encode("ascii")
+        if length is None:
+            return start + b"\r\n"
+        return start + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length
 
     async def acquire(self) -> UpstreamConnection:
         while True:

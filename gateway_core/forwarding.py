@@ -189,7 +189,7 @@ class Forwarding:
         prompt, completion = usage or (grant.ticket.prompt_tokens, 0)
         # The caller does not wait for Redis: the charge is in the ledger now and the Redis half is
         # queued before this loop reads anything new, so the key's next admission (which can only
-        # arrive after this answer) is ordered after it on the same connection (SPEC §6.2).
+        # arrive after this answer) is sent to Redis after it (SPEC §6.2).
         delivery.charged(prompt, completion)
         settling = self._metering.settle_soon(grant, prompt, completion)
         try:

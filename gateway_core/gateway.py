@@ -87,12 +87,19 @@ class Authenticator:
         verifying = self._verifying.get(digest)
         if verifying is None:
             verifying = self._verifying[digest] = asyncio.ensure_future(self._verify(key, digest))
-            verifying.add_done_callback(lambda _: self._verifying.pop(digest, None))
+            verifying.add_done_callback(lambda done: self._verified(digest, done))
         principal = await asyncio.shield(verifying)
         if principal is None:
             await p.failures.record(client_ip, p.clock.now())
             raise InvalidApiKey()
         return principal
+
+    def _verified(self, digest: str, done: asyncio.Future[Principal | None]) -> None:
+        self._verifying.pop(digest, None)
+        # Its callers may all have gone (cancelled): the outcome is then read here, not reported
+        # as an exception nobody retrieved.
+        if not done.cancelled():
+            done.exception()
 
     async def _verify(self, key: str, digest: str) -> Principal | None:
         p = self._p

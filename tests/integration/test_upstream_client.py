@@ -193,3 +193,25 @@ async def test_version_and_tags_give_up_after_their_timeout(backend_for) -> None
         await backend.start()
         with pytest.raises(UpstreamUnavailable):
             await backend.version(timeout_s=0.3)
+
+
+async def test_a_complete_answer_larger_than_the_stream_buffer_is_read_whole(backend_for) -> None:  # type: ignore[no-untyped-def]
+    big = b'{"embeddings": [' + b",".join([b"0.123456789"] * 400_000) + b"]}"  # ~4.8 MB, one answer
+    async with RawServer(lambda n: json_answer(big)) as server:
+        backend = backend_for(server.port, timeout_s=2.0)
+        await backend.start()
+        async with backend.open("POST", "/api/embed", b"{}") as resp:
+            assert await resp.read() == big
+
+
+async def test_a_stream_read_slowly_arrives_whole_and_in_order(backend_for) -> None:  # type: ignore[no-untyped-def]
+    pieces = [b'{"i": %d, "pad": "%b"}\n' % (i, b"x" * 20_000) for i in range(300)]  # ~6 MB
+    async with RawServer(lambda n: chunked(*pieces)) as server:
+        backend = backend_for(server.port, timeout_s=2.0)
+        await backend.start()
+        got = []
+        async with backend.open("POST", "/api/chat", b"{}") as resp:
+            async for piece in resp.chunks():
+                got.append(piece)
+                await asyncio.sleep(0.001)  # slower than the server writes: reading pauses, resumes
+        assert b"".join(got) == b"".join(pieces)
