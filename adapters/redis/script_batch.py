@@ -23,6 +23,7 @@ from attrs import frozen
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _Call = tuple[bytes, "asyncio.Future[Any]"]
 MAX_IN_FLIGHT = 2
@@ -167,11 +168,7 @@ class ScriptBatch:
         replies: list[Any] = []
         try:
             await conn.send_packed_command(blob, check_health=False)
-            while len(replies) < count:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+            await _read_replies(conn, count, replies)
         except RedisConnectionError as exc:
             if retry and not replies:
                 raise _NothingReadError from exc
@@ -179,6 +176,30 @@ class ScriptBatch:
         finally:
             self._idle.append(conn)
         return replies
+
+
+async def _read_replies(conn: Any, count: int, into: list[Any]) -> None:
+    """*count* replies, error replies as ResponseError values, under one read timeout for the batch.
+
+    redis-py's `read_response` enters a timeout context for every reply; for a batch of scripts that
+    was a measurable share of the gateway's CPU. This reads from the connection's parser the way
+    `read_response` does and fails the same way: on any error the connection is dropped (its
+    remaining replies are unread) and a timeout or socket error becomes redis-py's own exception.
+    """
+    parser = conn._parser
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            while len(into) < count:
+                into.append(await parser.read_response())
+    except TimeoutError:
+        await conn.disconnect(nowait=True)
+        raise RedisTimeoutError("Timeout reading from Redis") from None
+    except OSError as exc:
+        await conn.disconnect(nowait=True)
+        raise RedisConnectionError(f"Error while reading from Redis: {exc.args}") from exc
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
 
 
 class _NothingReadError(Exception):

@@ -8,8 +8,10 @@ import uuid
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.redis.admission import RedisAdmission
+from adapters.redis.script_batch import ScriptBatch
 from gateway_core.admission import Settlement, Ticket
 from gateway_core.budget import Budget, Period
 from gateway_core.errors import DependencyUnavailable
@@ -92,3 +94,58 @@ async def test_a_flushed_script_cache_mid_load_reloads_and_runs_each_call_once(
         assert await redis.zcard(f"gw:{{t:{tenant}}}:rq:t") == 21  # no call ran twice
     finally:
         await redis.aclose()
+
+
+class _SlowScriptServer:
+    """Speaks just enough RESP for a client: +OK to anything, and to EVALSHA the call's last argument
+    back, the first one only after *first_delay_s* (a Redis stuck in a slow script)."""
+
+    def __init__(self, first_delay_s: float) -> None:
+        self.first_delay_s = first_delay_s
+        self.evalshas = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readline()
+                if not head:
+                    return
+                parts = []
+                for _ in range(int(head[1:])):
+                    size = int((await reader.readline())[1:])
+                    parts.append((await reader.readexactly(size + 2))[:-2])
+                if parts[0].upper() != b"EVALSHA":
+                    writer.write(b"+OK\r\n")
+                    continue
+                self.evalshas += 1
+                if self.evalshas == 1:
+                    await asyncio.sleep(self.first_delay_s)
+                writer.write(b"$%d\r\n%b\r\n" % (len(parts[-1]), parts[-1]))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+
+
+async def test_a_reply_that_comes_too_late_fails_its_batch_and_is_never_read_as_the_next_one() -> None:
+    fake = _SlowScriptServer(first_delay_s=0.6)
+    port = await fake.start()
+    redis = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.2)
+    batch = ScriptBatch(redis, "return ARGV[1]")
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RedisTimeoutError):
+            await batch.call(["k"], ["first"])
+        assert asyncio.get_running_loop().time() - started < 0.5  # one timeout for the batch, then out
+        await asyncio.sleep(0.6)  # the late reply to "first" has been sent by now
+        assert await batch.call(["k"], ["second"]) == b"second"
+        both = await asyncio.gather(batch.call(["k"], ["a"]), batch.call(["k"], ["b"]))
+        assert both == [b"a", b"b"]
+    finally:
+        await redis.aclose()
+        assert fake.server is not None
+        fake.server.close()
