@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
+import threading
 from typing import Any
 
 import orjson
@@ -83,6 +85,55 @@ def _with_static(fields: dict[str, Any]) -> structlog.types.Processor:
     return add
 
 
+class LineWriter:
+    """The JSON-lines sink: the lines logged during one round of the event loop go out in one write
+    at its end (under load many requests finish per round; a write and a flush per line were a
+    measurable share of the gateway's CPU). Nothing waits on time: a line is written in the same
+    round it was logged, and `flush` writes what is pending at once (shutdown calls it). Lines
+    logged off the loop's thread are written at once."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._pending: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    def msg(self, message: bytes) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed() or threading.get_ident() != self._loop_thread:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._write(message + b"\n")
+                return
+            self.flush()
+            self._loop, self._loop_thread = loop, threading.get_ident()
+        if not self._pending:
+            loop.call_soon(self.flush)
+        self._pending.append(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"\n".join(self._pending) + b"\n"
+            self._pending.clear()
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
+
+
+_writer: LineWriter | None = None
+
+
+def flush_logs() -> None:
+    """Write the lines still pending (before the loop or the process ends)."""
+    if _writer is not None:
+        _writer.flush()
+
+
 def configure_logging(log_format: str, log_level: str, static: dict[str, Any] | None = None) -> None:
     """*static*: fields added to every event (e.g. the worker index under `serve --workers`)."""
     level = _LEVELS[log_level]
@@ -103,7 +154,10 @@ def configure_logging(log_format: str, log_level: str, static: dict[str, Any] | 
     # Exceptions become text here (not a repr of the exception and its traceback object) so that the
     # scrubber sees exactly what will be written; it must stay the last step before the renderer.
     final: list[structlog.types.Processor] = [structlog.processors.format_exc_info, redact_secrets]
-    factory: Any = (structlog.BytesLoggerFactory(file=sys.stdout.buffer) if json_lines
+    global _writer
+    flush_logs()
+    _writer = LineWriter(sys.stdout.buffer) if json_lines else None
+    factory: Any = ((lambda *_args: _writer) if json_lines
                     else structlog.WriteLoggerFactory(file=sys.stdout))
     structlog.configure(
         processors=[*shared, *final, renderer],

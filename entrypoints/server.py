@@ -18,7 +18,7 @@ from aiohttp import web
 
 from adapters.prometheus import metrics_app
 from entrypoints.app import METRICS, REFRESH_GAUGES, build_app
-from entrypoints.logging_setup import configure_logging
+from entrypoints.logging_setup import configure_logging, flush_logs
 from entrypoints.settings import Settings
 from entrypoints.workers import supervise
 
@@ -73,8 +73,11 @@ def _tune_gc() -> None:
 
 def run_in_loop(settings: Settings, worker: int | None = None) -> None:
     # uvloop: the same asyncio API with a libuv loop, measurably less CPU per request (docs/performance.md).
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(run(settings, worker))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(settings, worker))
+    finally:
+        flush_logs()
 
 
 def serve(settings: Settings, workers: int | None = None) -> None:

@@ -9,7 +9,8 @@ settlement before answering keeps "the next admission of a key sees the previous
 
 Each call is encoded to the wire format here, once, when it is queued: redis-py's general-purpose
 command packing cost more CPU than everything else on the admission path (docs/performance.md).
-Connections, authentication, reply parsing and errors stay redis-py's.
+Connections, authentication and reply parsing stay redis-py's; the write and the reads of a batch
+share one timeout (see `_exchange_on`).
 """
 
 from __future__ import annotations
@@ -167,8 +168,7 @@ class ScriptBatch:
         conn = self._idle.pop() if self._idle else await self._redis.connection_pool.get_connection()
         replies: list[Any] = []
         try:
-            await conn.send_packed_command(blob, check_health=False)
-            await _read_replies(conn, count, replies)
+            await _exchange_on(conn, blob, count, replies)
         except RedisConnectionError as exc:
             if retry and not replies:
                 raise _NothingReadError from exc
@@ -178,25 +178,32 @@ class ScriptBatch:
         return replies
 
 
-async def _read_replies(conn: Any, count: int, into: list[Any]) -> None:
-    """*count* replies, error replies as ResponseError values, under one read timeout for the batch.
+async def _exchange_on(conn: Any, blob: bytes, count: int, into: list[Any]) -> None:
+    """Write *blob*, then read *count* replies into *into* (error replies as ResponseError values),
+    all under one timeout.
 
-    redis-py's `read_response` enters a timeout context for every reply; for a batch of scripts that
-    was a measurable share of the gateway's CPU. This reads from the connection's parser the way
-    `read_response` does and fails the same way: on any error the connection is dropped (its
-    remaining replies are unread) and a timeout or socket error becomes redis-py's own exception.
+    redis-py's `send_packed_command` runs every write in `wait_for` (a task and a timer per batch)
+    and its `read_response` enters a timeout context for every reply; together they were a
+    measurable share of the gateway's CPU. This writes to the connection's stream and reads from its
+    parser as those two do, and fails as they do: on any error the connection is dropped (unread
+    replies must never be taken for the next batch's) and a timeout or socket error becomes
+    redis-py's own exception.
     """
+    if not conn.is_connected:
+        await conn.connect()
     parser = conn._parser
     try:
         async with asyncio.timeout(conn.socket_timeout):
+            conn._writer.write(blob)
+            await conn._writer.drain()  # waits only while the socket's buffer is full
             while len(into) < count:
                 into.append(await parser.read_response())
     except TimeoutError:
         await conn.disconnect(nowait=True)
-        raise RedisTimeoutError("Timeout reading from Redis") from None
+        raise RedisTimeoutError("Timeout talking to Redis") from None
     except OSError as exc:
         await conn.disconnect(nowait=True)
-        raise RedisConnectionError(f"Error while reading from Redis: {exc.args}") from exc
+        raise RedisConnectionError(f"Error while talking to Redis: {exc.args}") from exc
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
