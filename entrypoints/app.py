@@ -49,6 +49,7 @@ _log = logging.getLogger("neuronetz.app")
 METRICS = web.AppKey("metrics", GatewayMetrics)
 REFRESH_GAUGES = web.AppKey("refresh_gauges", Callable[[], None])
 _READY_TIMEOUT_S = 1.0
+SETTLEMENT_DRAIN_S = 10.0
 
 
 def make_hasher(settings: Settings) -> Argon2Hasher:
@@ -133,8 +134,9 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     prompts = PromptLogWriter(pool, settings.audit_spool_dir)
     for writer in (ledger, audit, prompts):
         await writer.start()
-    metering = Metering(RedisAdmission(redis), ledger, clock, settings.budget_default_completion_reserve,
-                        view=RedisAdmissionView(redis))
+    admission = RedisAdmission(redis)
+    metering = Metering(admission, ledger, clock, settings.budget_default_completion_reserve,
+                        view=RedisAdmissionView(redis, settled=admission.flush))
     auth = Authenticator(AuthPorts(cache=cache, source=PostgresPrincipalSource(pool), hasher=hasher,
                                    failures=RedisAuthFailures(redis, settings.auth_failures_per_minute),
                                    feed=listener, clock=clock))
@@ -189,6 +191,10 @@ async def _wire(app: web.Application, *, settings: Settings) -> AsyncIterator[No
     try:
         yield
     finally:
+        # The last answers' settlements first, while Redis is still there (bounded: each call
+        # fails within Redis' socket timeout when Redis is gone, and is then kept as unsettled).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(metering.drain(), SETTLEMENT_DRAIN_S)
         await cancel_and_wait(tasks)
         await discovery.stop()
         await listener.stop()

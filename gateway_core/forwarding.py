@@ -126,7 +126,7 @@ class Forwarding:
         except asyncio.CancelledError:
             # The caller hung up while the model was working: its prompt was processed, so charge it.
             if sent and not grant.settled:
-                await self._settle(grant, delivery, grant.ticket.prompt_tokens, 0)
+                self._settle(grant, delivery, grant.ticket.prompt_tokens, 0)
             raise
         finally:
             if not grant.settled:
@@ -190,12 +190,8 @@ class Forwarding:
         # The caller does not wait for Redis: the charge is in the ledger now and the Redis half is
         # queued before this loop reads anything new, so the key's next admission (which can only
         # arrive after this answer) is sent to Redis after it (SPEC §6.2).
-        delivery.charged(prompt, completion)
-        settling = self._metering.settle_soon(grant, prompt, completion)
-        try:
-            await delivery.deliver(Answer(raw, text))
-        finally:
-            await asyncio.shield(settling)
+        self._settle(grant, delivery, prompt, completion)
+        await delivery.deliver(Answer(raw, text))
 
     async def _stream(self, lane: UpstreamLane, grant: Grant, answer: UpstreamAnswer,
                       delivery: Delivery) -> None:
@@ -210,10 +206,11 @@ class Forwarding:
             completion = (relayed.completion_tokens if relayed.completion_tokens is not None
                           else estimate_chunks(relayed.chunks))
             # Settled first: a caller cancelled while the breaker records must not lose the charge.
-            await self._settle(grant, delivery, prompt, completion)
+            self._settle(grant, delivery, prompt, completion)
             if relayed.failed:
                 await lane.record(Outcome.MODEL_FAILED)
 
-    async def _settle(self, grant: Grant, delivery: Delivery, prompt: int, completion: int) -> None:
+    def _settle(self, grant: Grant, delivery: Delivery, prompt: int, completion: int) -> None:
+        """Charged now (ledger), the Redis half on its way; nothing here can be cancelled midway."""
         delivery.charged(prompt, completion)
-        await asyncio.shield(self._metering.settle(grant, prompt, completion))
+        self._metering.settle_soon(grant, prompt, completion)

@@ -57,6 +57,9 @@ class Metering:
         # source of truth cannot. Bounded: past it the oldest are dropped; their leases expire and
         # a rebuilt counter comes from the ledger.
         self.unsettled: deque[Settlement | tuple[Ticket, int]] = deque(maxlen=100_000)
+        # Redis halves of settlements on their way: nobody awaits them, so they are held here
+        # until done and awaited by `drain` at shutdown.
+        self._settling: set[asyncio.Future[None]] = set()
 
     async def admit(self, principal: Principal, prompt_tokens: int, completion_tokens: int | None) -> Grant:
         """Reserve the request's estimate, or raise RateLimitExceeded / BudgetExhausted (429)."""
@@ -102,15 +105,21 @@ class Metering:
         if settlement is not None:
             await self._settle_store(settlement)
 
-    def settle_soon(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> asyncio.Future[None]:
-        """`settle`, with the charge made before this returns and the Redis half running on its own:
-        the answer can go out while it does. Await the future before the request counts as done."""
+    def settle_soon(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> None:
+        """`settle`, with the charge made before this returns and the Redis half on its way: queued
+        for Redis before the loop reads anything new, so the key's next admission from this process
+        is ordered after it, but nobody waits for its reply. `drain` waits for all of them."""
         settlement = self._charge(grant, prompt_tokens, completion_tokens)
         if settlement is None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
-        return asyncio.ensure_future(self._settle_store(settlement))
+            return
+        task = asyncio.ensure_future(self._settle_store(settlement))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def drain(self) -> None:
+        """Until every settlement begun has its Redis half done (or put in `unsettled`)."""
+        while self._settling:
+            await asyncio.wait(list(self._settling))
 
     def _charge(self, grant: Grant, prompt_tokens: int, completion_tokens: int) -> Settlement | None:
         if grant.settled:

@@ -219,8 +219,19 @@ class RedisAdmission:
         ticket = settlement.ticket
         real = settlement.prompt_tokens + settlement.completion_tokens
         async with redis_guard():
-            await self._batch.call(self._keys(ticket), ["settle", self._now(ticket.now), ticket.lease_id,
-                                                        real, settlement.reserved_tokens])
+            await self._call(self._keys(ticket), ["settle", self._now(ticket.now), ticket.lease_id,
+                                                  real, settlement.reserved_tokens], may_wait=True)
+
+    def _call(self, keys: list[Any], args: list[Any], *, may_wait: bool = False) -> Any:
+        if isinstance(self._batch, ScriptBatch):
+            return self._batch.call(keys, args, may_wait=may_wait)
+        return self._batch.call(keys, args)
+
+    async def flush(self) -> None:
+        """Until everything this process has queued for Redis has its reply: a read that follows
+        must see this process's own settlements."""
+        if isinstance(self._batch, ScriptBatch):
+            await self._batch.drain()
 
     async def release(self, ticket: Ticket, reserved_tokens: int) -> None:
         """Give back the lease, the tpm entry and the budget reservation of a request that produced

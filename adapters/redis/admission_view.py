@@ -4,6 +4,8 @@ hot path; it follows the key layout of adapters/redis/admission.py."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from redis.asyncio import Redis
 
 from adapters.redis.admission import shared_keys
@@ -20,10 +22,17 @@ def _tokens_of(member: bytes | str) -> int:
 
 
 class RedisAdmissionView:
-    def __init__(self, redis: Redis) -> None:
+    """*settled*: awaited before each read, so that this process's own settlements still on their
+    way to Redis (RedisAdmission.flush) are in what the caller is shown."""
+
+    def __init__(self, redis: Redis, settled: Callable[[], Awaitable[None]] | None = None) -> None:
         self._redis = redis
+        self._settled = settled
 
     async def peek(self, ticket: Ticket) -> Admission:
+        if self._settled is not None:
+            async with redis_guard():
+                await self._settled()
         keys = shared_keys(ticket)
         now_ms = round(ticket.now * 1000)
         window_ms = WINDOW_S * 1000

@@ -6,6 +6,7 @@ added wait at concurrency 1), and under load the calls that arrive while a batch
 next one, so 64 concurrent admissions and settlements cost a few sends and reads, not 64 of each. Each
 script still runs atomically, and batches are written in call order, so a caller that queued its
 settlement before answering keeps "the next admission of a key sees the previous settlement".
+Settlements, which nobody waits for, wait up to MAY_WAIT_S for the next call to go with it.
 
 Each call is encoded to the wire format here, once, when it is queued: redis-py's general-purpose
 command packing cost more CPU than everything else on the admission path (docs/performance.md).
@@ -28,6 +29,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _Call = tuple[bytes, "asyncio.Future[Any]"]
 MAX_IN_FLIGHT = 2
+# The longest a call that nobody waits for (a settlement) waits for company before it goes alone.
+# Other processes see it this much later at most; this process orders it before its next call.
+MAY_WAIT_S = 0.002
 
 
 @frozen
@@ -89,14 +93,41 @@ class ScriptBatch:
         self._starting: asyncio.Task[None] | None = None
         # Strong references: a flush must finish even if every caller is cancelled meanwhile.
         self._flushes: set[asyncio.Task[None]] = set()
+        # When only calls that may wait are queued: the timer that sends them anyway.
+        self._later: asyncio.TimerHandle | None = None
 
-    def call(self, keys: Sequence[Part], args: Sequence[Part]) -> asyncio.Future[Any]:
-        """Queue one script call; the future holds its reply, or the redis-py error it raised."""
+    def call(self, keys: Sequence[Part], args: Sequence[Part], *,
+             may_wait: bool = False) -> asyncio.Future[Any]:
+        """Queue one script call; the future holds its reply, or the redis-py error it raised.
+
+        *may_wait*: nobody is waiting for the reply, so the call waits up to MAY_WAIT_S for company
+        and goes out with the next call that cannot wait (or when the timer fires). It still goes
+        out before anything queued after it, so ordering is kept; what it saves is a round trip of
+        its own, and a wake-up of the gateway and of Redis, when requests come one at a time."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((encode_evalsha(self._sha, keys, args), future))
-        if self._starting is None and len(self._flushes) < MAX_IN_FLIGHT:
+        if self._starting is not None or len(self._flushes) >= MAX_IN_FLIGHT:
+            return future  # goes with the batch about to start, or the next one
+        if not may_wait:
             self._start()
+        elif self._later is None:
+            self._later = asyncio.get_running_loop().call_later(MAY_WAIT_S, self._send_waiting)
         return future
+
+    def _send_waiting(self) -> None:
+        self._later = None
+        if self._queue and self._starting is None and len(self._flushes) < MAX_IN_FLIGHT:
+            self._start()
+
+    async def drain(self) -> None:
+        """Send what is queued now and wait until every call queued so far has its reply (a read
+        that must see this process's own writes, and shutdown)."""
+        pending = [future for _, future in self._queue]
+        if pending and self._starting is None and len(self._flushes) < MAX_IN_FLIGHT:
+            self._start()
+        pending += [task for task in self._flushes]
+        if pending:
+            await asyncio.wait(pending)
 
     def _start(self) -> None:
         # The batch is taken when the task first runs, on the next loop round: every call queued
@@ -108,6 +139,9 @@ class ScriptBatch:
 
     async def _take_and_run(self) -> None:
         self._starting = None
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         batch, self._queue = self._queue, []
         if batch:
             await self._run(batch)

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.redis.admission import RedisAdmission
+from adapters.redis.admission_view import RedisAdmissionView
 from adapters.redis.script_batch import ScriptBatch
 from gateway_core.admission import Settlement, Ticket
 from gateway_core.budget import Budget, Period
@@ -149,3 +150,51 @@ async def test_a_reply_that_comes_too_late_fails_its_batch_and_is_never_read_as_
         await redis.aclose()
         assert fake.server is not None
         fake.server.close()
+
+
+async def test_a_settlement_waits_briefly_for_company_and_goes_out_alone_without_it(redis_url: str) -> None:
+    redis, probe = Redis.from_url(redis_url), Redis.from_url(redis_url)
+    try:
+        store, tenant = RedisAdmission(redis), uuid.uuid4().int % 10**9
+        budget = Budget(daily=1000)
+        first = _ticket(tenant, Limits(concurrent=1), budget)
+        await store.admit(first, seeds={Period.DAILY: 0})
+        loop = asyncio.get_running_loop()
+
+        # Alone: it still goes out, after at most a few milliseconds.
+        started = loop.time()
+        await store.settle(Settlement(first, 20, 2, 3, NOW))
+        assert loop.time() - started < 0.5
+        second = _ticket(tenant, Limits(concurrent=1), budget)
+        admitted = await store.admit(second)
+        assert admitted.granted and admitted.budget_remaining == 1000 - 5 - 20
+
+        # With an admission right behind it: one round trip for both, the settlement first (the
+        # concurrency slot it frees is what lets the admission in).
+        before = await _reads(probe)
+        settling = asyncio.ensure_future(store.settle(Settlement(second, 20, 1, 1, NOW)))
+        await asyncio.sleep(0)
+        third = await store.admit(_ticket(tenant, Limits(concurrent=1), budget))
+        await settling
+        assert third.granted and third.budget_remaining == 1000 - 5 - 2 - 20
+        assert await _reads(probe) - before == 2  # the batch's read and this probe's own
+    finally:
+        await redis.aclose()
+        await probe.aclose()
+
+
+async def test_the_read_only_view_sees_this_process_settlements_still_on_their_way(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    try:
+        store, tenant = RedisAdmission(redis), uuid.uuid4().int % 10**9
+        view = RedisAdmissionView(redis, settled=store.flush)
+        budget = Budget(daily=1000)
+        ticket = _ticket(tenant, Limits(), budget)
+        await store.admit(ticket, seeds={Period.DAILY: 0})
+        settling = asyncio.ensure_future(store.settle(Settlement(ticket, 20, 1, 1, NOW)))
+        await asyncio.sleep(0)  # queued, waiting for company
+        seen = await view.peek(_ticket(tenant, Limits(), budget))
+        assert seen.budget_remaining == 1000 - 2
+        await settling
+    finally:
+        await redis.aclose()

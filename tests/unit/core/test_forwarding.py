@@ -110,7 +110,9 @@ class Rig:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi there"}], "stream": False, **extra}
         return parse_request(ROUTES["/api/chat"], json.dumps(body).encode())
 
-    def assert_ended_once(self, delivery: Recorder) -> None:
+    async def assert_ended_once(self, delivery: Recorder) -> None:
+        # Settlements are not awaited by the request; by the time they are done, exactly one per lease.
+        await self.metering.drain()
         assert delivery.grant is not None
         assert self.store.ends[delivery.grant.ticket.lease_id] == 1
         assert self.metering.in_flight == {}
@@ -133,7 +135,7 @@ async def test_success_settles_real_usage_once() -> None:
     assert delivery.delivered is not None and delivery.delivered.body == ANSWER
     assert charged(rig) == [(5, rig.clock.now(), 7, 3)]
     assert delivery.charges == [(7, 3)] and rig.upstream.outcomes == [Outcome.OK]
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
     sent = json.loads(rig.upstream.sent[0][1])
     assert sent["model"] == "m:latest" and 1 <= sent["options"]["num_predict"] <= 10_000
 
@@ -145,7 +147,7 @@ async def test_an_upstream_error_status_releases_and_charges_nothing(status: int
         await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
     assert rig.ledger.entries == [] and delivery.charges == []
     assert rig.upstream.outcomes == [Outcome.OK if status < 500 else Outcome.MODEL_FAILED]
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
     assert await rig.slot_is_free()
 
 
@@ -156,7 +158,7 @@ async def test_an_unreachable_upstream_releases_and_counts_as_a_failure() -> Non
     with pytest.raises(UpstreamUnavailable):
         await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
     assert rig.upstream.outcomes == [Outcome.BACKEND_FAILED] and rig.ledger.entries == []
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
 
 
 async def test_caller_gone_before_the_first_byte_is_charged_the_prompt_once() -> None:
@@ -171,7 +173,7 @@ async def test_caller_gone_before_the_first_byte_is_charged_the_prompt_once() ->
     assert delivery.grant is not None
     prompt = delivery.grant.ticket.prompt_tokens
     assert charged(rig) == [(5, rig.clock.now(), prompt, 0)]
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
     assert rig.upstream.open == 0  # the upstream connection was closed, which stops generation
 
 
@@ -182,7 +184,7 @@ async def test_caller_gone_after_the_first_byte_is_charged_what_was_relayed() ->
     assert await rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery) is None
     assert delivery.grant is not None
     assert charged(rig) == [(5, rig.clock.now(), delivery.grant.ticket.prompt_tokens, 1)]
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
 
 
 async def test_cancelled_mid_stream_settles_once_with_the_chunks_so_far() -> None:
@@ -198,14 +200,14 @@ async def test_cancelled_mid_stream_settles_once_with_the_chunks_so_far() -> Non
         await task
     assert delivery.grant is not None
     assert delivery.charges == [(delivery.grant.ticket.prompt_tokens, 1)]
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
 
 
 async def test_a_complete_stream_settles_the_upstream_count() -> None:
     rig, delivery = Rig(ScriptedUpstream(ScriptedAnswer(chunks=[b"a", b"b"]))), Recorder()
     assert await rig.forwarding.forward(PRINCIPAL, rig.request(stream=True), "m", delivery) is None
     assert charged(rig) == [(5, rig.clock.now(), 7, 3)]
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
 
 
 async def test_cancellation_during_admission_releases_the_grant_when_it_returns() -> None:
@@ -241,6 +243,7 @@ async def test_a_redis_failure_at_settlement_still_delivers_and_is_put_right_lat
     await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
     assert delivery.delivered is not None and delivery.delivered.body == ANSWER  # not a 503
     assert charged(rig) == [(5, rig.clock.now(), 7, 3)]
+    await rig.metering.drain()  # the Redis half failed after the answer went out
     assert len(rig.metering.unsettled) == 1
     with pytest.raises(DependencyUnavailable):
         await rig.metering.retry_unsettled()  # still down: kept
@@ -248,7 +251,7 @@ async def test_a_redis_failure_at_settlement_still_delivers_and_is_put_right_lat
     rig.store.down = False
     await rig.metering.renew_leases()  # the periodic job retries
     assert len(rig.metering.unsettled) == 0
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
     assert await rig.slot_is_free()
 
 
@@ -276,7 +279,7 @@ async def test_a_complete_answer_is_charged_before_delivery_and_settled_once_aft
     await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
     assert delivery.seen is not None and delivery.seen[0] == 1  # in the ledger before delivery
     assert delivery.delivered is not None and charged(rig) == [(5, rig.clock.now(), 7, 3)]
-    rig.assert_ended_once(delivery)  # and settled in Redis by the time forward returns
+    await rig.assert_ended_once(delivery)  # and settled in Redis once, after
     assert await rig.slot_is_free()
 
 
@@ -286,7 +289,7 @@ async def test_a_caller_gone_while_reading_the_answer_is_charged_the_real_usage_
     with pytest.raises(asyncio.CancelledError):
         await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
     assert charged(rig) == [(5, rig.clock.now(), 7, 3)]  # the model's count, not the prompt alone
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
 
 
 def _refused(kind: type[UpstreamUnavailable] = UpstreamUnreachable) -> UpstreamUnavailable:
@@ -304,7 +307,7 @@ class TestSeveralBackends:
         assert (first.outcomes, second.outcomes) == ([Outcome.BACKEND_FAILED], [Outcome.OK])
         assert second.picked == [("m:latest", frozenset({0}))]  # the failed one is avoided
         assert charged(rig) == [(5, rig.clock.now(), 7, 3)] and delivery.charges == [(7, 3)]
-        rig.assert_ended_once(delivery)
+        await rig.assert_ended_once(delivery)
 
     async def test_a_failure_after_the_request_was_sent_is_never_resent(self) -> None:
         first = ScriptedUpstream(error=_refused(UpstreamUnavailable))  # e.g. a read timeout
@@ -314,7 +317,7 @@ class TestSeveralBackends:
             await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
         assert second.sent == [] and first.outcomes == [Outcome.BACKEND_FAILED]
         assert rig.ledger.entries == []
-        rig.assert_ended_once(delivery)
+        await rig.assert_ended_once(delivery)
 
     async def test_only_one_retry_and_the_first_failure_is_reported(self) -> None:
         backends = [ScriptedUpstream(error=_refused()) for _ in range(3)]
@@ -323,7 +326,7 @@ class TestSeveralBackends:
             await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
         assert [len(b.sent) for b in backends] == [1, 1, 0]
         assert rig.ledger.entries == []
-        rig.assert_ended_once(delivery)
+        await rig.assert_ended_once(delivery)
 
     async def test_no_other_backend_with_the_model_gives_the_first_failure(self) -> None:
         only = ScriptedUpstream(error=_refused())
@@ -331,7 +334,7 @@ class TestSeveralBackends:
         with pytest.raises(UpstreamUnreachable) as raised:
             await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
         assert raised.value.retry_after_s == 1.0 and len(only.sent) == 1
-        rig.assert_ended_once(delivery)
+        await rig.assert_ended_once(delivery)
 
     async def test_a_5xx_answer_counts_against_the_model_and_is_not_retried(self) -> None:
         first = ScriptedUpstream(ScriptedAnswer(status=500))
@@ -340,7 +343,7 @@ class TestSeveralBackends:
         with pytest.raises(UpstreamUnavailable):
             await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
         assert first.outcomes == [Outcome.MODEL_FAILED] and second.sent == []
-        rig.assert_ended_once(delivery)
+        await rig.assert_ended_once(delivery)
 
 
 class BrokenRelay(Recorder):
@@ -384,7 +387,7 @@ async def test_a_broken_stream_is_charged_its_chunks_even_if_the_caller_is_cance
         await task
     assert delivery.grant is not None
     assert delivery.charges == [(delivery.grant.ticket.prompt_tokens, estimate_chunks(3))]
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
 
 
 async def test_a_fault_after_the_first_byte_is_settled_once_and_is_not_an_upstream_failure() -> None:
@@ -395,7 +398,7 @@ async def test_a_fault_after_the_first_byte_is_settled_once_and_is_not_an_upstre
     assert delivery.grant is not None
     assert charged(rig) == [(5, rig.clock.now(), delivery.grant.ticket.prompt_tokens, estimate_chunks(2))]
     assert rig.upstream.outcomes == [Outcome.OK]  # the upstream answered; the fault was ours
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
 
 
 async def test_an_upstream_400_is_the_callers_error_and_not_a_breaker_failure() -> None:
@@ -403,5 +406,5 @@ async def test_an_upstream_400_is_the_callers_error_and_not_a_breaker_failure() 
     with pytest.raises(InvalidRequest):
         await rig.forwarding.forward(PRINCIPAL, rig.request(), "m", delivery)
     assert rig.upstream.outcomes == [Outcome.OK] and rig.ledger.entries == []
-    rig.assert_ended_once(delivery)
+    await rig.assert_ended_once(delivery)
     assert await rig.slot_is_free()
