@@ -497,7 +497,8 @@ async def test_a_fault_after_the_stream_started_is_framed_settled_audited_and_lo
     secret, _, _ = await gateway.key(models=(MODEL,), key_limits=Limits(concurrent=1),
                                      budget={"daily": 50_000})
     native = route.startswith("/api/")
-    handler = "_native_line" if native else "_usage_from_sse"
+    # A step each route's relay takes for every line (NDJSON) or every network read (SSE).
+    handler = "_native_line" if native else "_plain_sse"
     real = getattr(relay, handler)
     seen = {"n": 0}
 

@@ -164,3 +164,37 @@ def _count(database_url: str, where: str, param: object, want: int):  # type: ig
     async def probe() -> bool:
         return scalar(database_url, f"SELECT count(*) FROM gateway.{where}", param) == want
     return probe
+
+
+def audit_row(request_id: str, model: str) -> tuple[object, ...]:
+    return (str(uuid.uuid4()), request_id, "nz_abcdefghi", None, model, "/v1/chat/completions", 7, 3, 200,
+            1.5, "127.0.0.1", datetime.now(UTC))
+
+
+class TestAuditRows:
+    async def test_audit_rows_land_once_even_when_written_twice_and_a_nul_model_is_repaired(
+        self, database_url: str, pool: AsyncConnectionPool, tmp_path: Path,
+    ) -> None:
+        request_id = f"req-{uuid.uuid4().hex}"
+        rows = [audit_row(request_id, f"model-{i}") for i in range(300)]
+        rows.insert(150, audit_row(request_id, "caller\x00model"))
+        writer = AuditWriter(pool, str(tmp_path), flush_every_s=0.05)
+        await writer.start()
+        try:
+            for row in rows:
+                writer.put(row)
+            await within(2.0, _count(database_url, "audit_log WHERE request_id = %s", request_id, 301))
+            # A batch whose commit was not seen is written again; a replayed spool repeats rows too.
+            for row in rows[:100]:
+                writer.put(row)
+            writer.put(audit_row(request_id, "one more"))
+            await within(2.0, _count(database_url, "audit_log WHERE request_id = %s", request_id, 302))
+        finally:
+            await writer.stop()
+        assert scalar(database_url, "SELECT count(DISTINCT id) FROM gateway.audit_log WHERE request_id = %s",
+                      request_id) == 302
+        assert scalar(database_url, "SELECT count(*) FROM gateway.audit_log WHERE request_id = %s AND repaired"
+                      " AND model = %s", request_id, "caller\ufffdmodel") == 1
+        assert scalar(database_url, "SELECT sum(tokens_in + tokens_out) FROM gateway.audit_log"
+                      " WHERE request_id = %s", request_id) == 302 * 10
+        assert writer.rejected == 0 and writer.repaired == 1
