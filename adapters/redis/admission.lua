@@ -8,8 +8,8 @@
 --       9 this lease's marker (admission time ms from grant until settle/release, then "done")
 --       10.. one budget counter per configured period, in ARGV order
 -- ARGV  1 op ("admit" | "settle" | "release" | "renew")  2 now ms, or -1 for Redis TIME  3 lease_id
---   admit:   4 prompt  5 completion asked  6 lease ttl ms  7 window ms
---            8 concurrent:key  9 concurrent:tenant  10 rpm:key  11 rpm:tenant  12 tpm:key  13 tpm:tenant
+--   admit:   4 prompt  5 completion asked  6 refresh expiries (1 | 0)  7 lease ttl ms  8 window ms
+--            9 concurrent:key  10 concurrent:tenant  11 rpm:key  12 rpm:tenant  13 tpm:key  14 tpm:tenant
 --            (-1 = unlimited), then per period: name, cap, ms to reset (-1 = never),
 --            seed (-1 = none), counter ttl s (-1 = none)
 --   settle:  4 real tokens  5 reserved tokens      release: 5 reserved tokens
@@ -74,29 +74,38 @@ if op == 'settle' or op == 'release' then
   redis.call('ZREM', KEYS[1], lease)
   redis.call('ZREM', KEYS[2], lease)
   local prefix = lease .. '|'
-  -- The admission logged the reservation itself, so the entry's name is known: one ZREM finds it.
-  -- Should the names ever differ (a number Lua formats otherwise), it is found by its score.
+  -- The admission logged the reservation itself, so the entry's name is known. Should the names
+  -- ever differ (a number Lua formats otherwise), it is found by its score. A settlement puts the
+  -- real count in before taking the estimate out: were the log emptied on the way, Redis would drop
+  -- it, and the entry put back would live on in a set without an expiry.
   local logged = prefix .. ARGV[5]
+  local settled = prefix .. real
   for _, pair in ipairs({{KEYS[5], KEYS[6]}, {KEYS[7], KEYS[8]}}) do
-    local found = {}
-    if redis.call('ZREM', pair[1], logged) == 1 then
-      found[1] = logged
-    else
-      for _, m in ipairs(redis.call('ZRANGEBYSCORE', pair[1], at, at)) do
+    local log, found = pair[1], {}
+    if op ~= 'settle' then
+      if redis.call('ZREM', log, logged) == 1 then found[1] = logged end
+    elseif logged ~= settled then
+      redis.call('ZADD', log, at, settled)
+      if redis.call('ZREM', log, logged) == 1 then
+        found[1] = logged
+      else
+        redis.call('ZREM', log, settled)
+      end
+    elseif redis.call('ZSCORE', log, logged) then
+      found[1] = logged  -- settled at exactly the estimate: the entry stays as it is
+    end
+    if #found == 0 then
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', log, at, at)) do
         if string.sub(m, 1, #prefix) == prefix then
-          redis.call('ZREM', pair[1], m)
+          if op == 'settle' and m ~= settled then redis.call('ZADD', log, at, settled) end
+          if op ~= 'settle' or m ~= settled then redis.call('ZREM', log, m) end
           found[#found + 1] = m
         end
       end
     end
     for _, m in ipairs(found) do
       local estimate = tokens_of(m)
-      if op == 'settle' then
-        redis.call('ZADD', pair[1], at, prefix .. real)
-        add_clamped(pair[2], real - estimate)
-      else
-        add_clamped(pair[2], -estimate)
-      end
+      add_clamped(pair[2], (op == 'settle' and real or 0) - estimate)
     end
   end
   local delta = (op == 'settle') and (real - reserved) or -reserved
@@ -106,8 +115,11 @@ end
 
 local prompt = tonumber(ARGV[4])
 local asked = tonumber(ARGV[5])
-local lease_ttl = tonumber(ARGV[6])
-local window = tonumber(ARGV[7])
+-- Expiries are pushed out when the caller asks (it does at least every half window or lease ttl per
+-- key, so every entry it adds outlives its use) and whenever a structure is new; not on every admit.
+local refresh = ARGV[6] == '1'
+local lease_ttl = tonumber(ARGV[7])
+local window = tonumber(ARGV[8])
 local cutoff = now - window
 -- Idle structures disappear on their own; every admit pushes their expiry out again.
 local window_pttl = 2 * window
@@ -121,14 +133,14 @@ end
 
 local levels = {
   {leases = KEYS[1], rpm = KEYS[3], tpm = KEYS[5], sum = KEYS[6],
-   concurrent = limit(ARGV[8]), rpm_limit = limit(ARGV[10]), tpm_limit = limit(ARGV[12])},
-  {leases = KEYS[2], rpm = KEYS[4], tpm = KEYS[7], sum = KEYS[8],
    concurrent = limit(ARGV[9]), rpm_limit = limit(ARGV[11]), tpm_limit = limit(ARGV[13])},
+  {leases = KEYS[2], rpm = KEYS[4], tpm = KEYS[7], sum = KEYS[8],
+   concurrent = limit(ARGV[10]), rpm_limit = limit(ARGV[12]), tpm_limit = limit(ARGV[14])},
 }
 
 local periods = {}
 do
-  local i, k = 14, FIRST_BUDGET
+  local i, k = 15, FIRST_BUDGET
   while i <= #ARGV do
     periods[#periods + 1] = {name = ARGV[i], cap = tonumber(ARGV[i + 1]), reset = tonumber(ARGV[i + 2]),
                              seed = tonumber(ARGV[i + 3]), ttl = tonumber(ARGV[i + 4]), key = KEYS[k]}
@@ -142,14 +154,15 @@ local function newest_score(key)
   return tonumber(r[2])
 end
 
--- Drops what left the window and returns the sum of what is still in it. Each entry is read once
--- when it expires, so the cost is amortized O(log n) per request, not O(window).
+-- Drops what left the window and returns the sum of what is still in it, and whether the log is
+-- empty (gone). Each entry is read once when it expires, so the cost is amortized O(log n) per
+-- request, not O(window).
 local function load_tokens(log, sum)
   local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff) end
   if redis.call('ZCARD', log) == 0 then
     redis.call('DEL', sum)
-    return 0
+    return 0, true
   end
   local total = redis.call('GET', sum)
   if not total then
@@ -189,7 +202,7 @@ for _, lv in ipairs(levels) do
     redis.call('ZREMRANGEBYSCORE', lv.rpm, '-inf', cutoff)
     lv.requests = redis.call('ZCARD', lv.rpm)
   end
-  if lv.tpm_limit then lv.tokens = load_tokens(lv.tpm, lv.sum) end
+  if lv.tpm_limit then lv.tokens, lv.tpm_empty = load_tokens(lv.tpm, lv.sum) end
 end
 
 local missing = {}
@@ -321,20 +334,24 @@ if exhausted then
   return deny('budget', 0, exhausted.reset >= 0, {period = exhausted.name})
 end
 
+-- An empty sorted set does not exist in Redis: one that was empty above is created here, without
+-- an expiry of its own, so it always gets one.
 for _, lv in ipairs(levels) do
   if lv.concurrent then
     redis.call('ZADD', lv.leases, now + lease_ttl, lease)
-    redis.call('PEXPIRE', lv.leases, lease_pttl)
+    if refresh or lv.in_flight == 0 then redis.call('PEXPIRE', lv.leases, lease_pttl) end
   end
   if lv.rpm_limit then
     redis.call('ZADD', lv.rpm, now, lease)
-    redis.call('PEXPIRE', lv.rpm, window_pttl)
+    if refresh or lv.requests == 0 then redis.call('PEXPIRE', lv.rpm, window_pttl) end
   end
   if lv.tpm_limit then
     redis.call('ZADD', lv.tpm, now, lease .. '|' .. need)
     redis.call('INCRBY', lv.sum, need)
-    redis.call('PEXPIRE', lv.tpm, window_pttl)
-    redis.call('PEXPIRE', lv.sum, window_pttl)
+    if refresh or lv.tpm_empty then
+      redis.call('PEXPIRE', lv.tpm, window_pttl)
+      redis.call('PEXPIRE', lv.sum, window_pttl)
+    end
   end
 end
 for _, p in ipairs(periods) do redis.call('INCRBY', p.key, need) end

@@ -4,6 +4,7 @@ atomicity, order or fail-closed behaviour."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -198,3 +199,47 @@ async def test_the_read_only_view_sees_this_process_settlements_still_on_their_w
         await settling
     finally:
         await redis.aclose()
+
+
+class TestExpiries:
+    """Every window and lease structure expires once idle, though admissions push expiries out only
+    every REFRESH_EVERY_S per key (and whenever a structure is created)."""
+
+    @staticmethod
+    async def _ttls(redis: Redis, tenant: int) -> dict[str, int]:
+        names = [n.decode() for n in await redis.keys(f"gw:{{t:{tenant}}}:*")]
+        return {n.split(":", 2)[2]: await redis.pttl(n) for n in names if ":ls:" not in n}
+
+    async def test_structures_created_between_refreshes_still_get_an_expiry(
+            self, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            store, tenant = RedisAdmission(redis), uuid.uuid4().int % 10**9
+            limits = Limits(concurrent=5, rpm=100, tpm=100_000)
+            first = _ticket(tenant, limits, Budget())
+            assert (await store.admit(first)).granted
+            after_first = await self._ttls(redis, tenant)
+            assert len(after_first) == 8 and all(ttl > 0 for ttl in after_first.values()), after_first
+            # Settled: the lease sets are empty, so Redis drops them. The next admission, well within
+            # the refresh interval, creates them again and must give them an expiry.
+            await store.settle(Settlement(first, 20, 10, 5, NOW))
+            settled = await self._ttls(redis, tenant)
+            assert not [n for n in settled if n.startswith("cc:")]
+            # The token logs hold the real count now, still with their expiry (a key used once and
+            # never again must not leave a set behind for good).
+            assert len(settled) == 6 and all(ttl > 0 for ttl in settled.values()), settled
+            second = _ticket(tenant, limits, Budget())
+            assert (await store.admit(second)).granted
+            after_second = await self._ttls(redis, tenant)
+            assert len(after_second) == 8 and all(ttl > 0 for ttl in after_second.values()), after_second
+            # Not refreshed: the windows kept the expiry of the first admission.
+            await redis.pexpire(f"gw:{{t:{tenant}}}:rq:k:1", 5_000)
+            assert (await store.admit(_ticket(tenant, limits, Budget()))).granted
+            assert await redis.pttl(f"gw:{{t:{tenant}}}:rq:k:1") <= 5_000
+            # Past the interval the next granted admission pushes every expiry out again.
+            clock = [time.monotonic() + 31]
+            monkeypatch.setattr("adapters.redis.admission.time.monotonic", lambda: clock[0])
+            assert (await store.admit(_ticket(tenant, limits, Budget()))).granted
+            assert await redis.pttl(f"gw:{{t:{tenant}}}:rq:k:1") > 100_000
+        finally:
+            await redis.aclose()
