@@ -44,6 +44,17 @@ local function add_clamped(key, delta)
   if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
 end
 
+-- add_clamped for every budget counter: which of them exist is asked in one MGET.
+local function add_to_budgets(delta)
+  if delta == 0 or #KEYS < FIRST_BUDGET then return end
+  local counters = {}
+  for k = FIRST_BUDGET, #KEYS do counters[#counters + 1] = KEYS[k] end
+  local values = redis.call('MGET', unpack(counters))
+  for i, key in ipairs(counters) do
+    if values[i] and redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+  end
+end
+
 if op == 'renew' then
   -- XX: a lease already settled, released or expired is not brought back.
   local lease_ttl = tonumber(ARGV[4])
@@ -67,7 +78,7 @@ if op == 'settle' or op == 'release' then
     -- Redis lost this lease (flush, restart): its windows are gone and the budget counters were
     -- rebuilt from the ledger without it, so a settlement adds its real usage and nothing else.
     if op == 'settle' then
-      for k = FIRST_BUDGET, #KEYS do add_clamped(KEYS[k], real) end
+      add_to_budgets(real)
     end
     return 'OK'
   end
@@ -109,7 +120,7 @@ if op == 'settle' or op == 'release' then
     end
   end
   local delta = (op == 'settle') and (real - reserved) or -reserved
-  for k = FIRST_BUDGET, #KEYS do add_clamped(KEYS[k], delta) end
+  add_to_budgets(delta)
   return 'OK'
 end
 
