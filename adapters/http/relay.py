@@ -85,13 +85,13 @@ async def _arrivals(up: UpstreamAnswer, separator: bytes) -> AsyncIterator[bytes
 # A frame handler turns one upstream frame into the bytes to relay (None: relay nothing) and says
 # whether the stream has reached its end (normal or failed).
 FrameHandler = Callable[[bytes, Relayed], tuple[bytes | None, bool]]
-# A fast path for a whole arrival: the bytes to relay as they are and how many chunks they hold, or
-# None when some frame in it needs its handler.
-Passthrough = Callable[[bytes, Relayed], tuple[bytes, int] | None]
+# A fast path: how many leading bytes of an arrival (whole frames) can be relayed as they are, their
+# frames counted in the result; the frames after them go through the handler.
+Passthrough = Callable[[bytes, Relayed], int]
 
 
-def _no_passthrough(arrived: bytes, result: Relayed) -> None:
-    return None
+def _no_passthrough(arrived: bytes, result: Relayed) -> int:
+    return 0
 
 
 async def _relay(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed,
@@ -101,15 +101,10 @@ async def _relay(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed,
     sent; a stream that ends without its normal end gets *error_frame*."""
     try:
         async for arrived in _arrivals(up, separator):
-            fast = passthrough(arrived, result)
-            if fast is not None:
-                relayed_bytes, count = fast
-                result.chunks += count
-                await _send(out, relayed_bytes)
-                continue
-            batch: list[bytes] = []
+            plain = passthrough(arrived, result)
+            batch: list[bytes] = [arrived[:plain]] if plain else []
             stop = False
-            for frame in arrived.split(separator)[:-1]:
+            for frame in (arrived[plain:] if plain else arrived).split(separator)[:-1]:
                 relayed, stop = handle(frame, result)
                 if relayed is not None:
                     batch.append(relayed)
@@ -135,19 +130,25 @@ async def _relay(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed,
 _NOTABLE = (b'"usage"', _EMPTY_STRING, _DONE)
 
 
-def _plain_sse(arrived: bytes, result: Relayed) -> tuple[bytes, int] | None:
-    """Most arrivals are only content chunks, each `data: <json>\n\n` with no other line: the
-    handler would give back exactly those bytes, so they go out unsplit and unparsed."""
-    if result.text is not None or not arrived.startswith(b"data: "):
-        return None
+def _plain_sse(arrived: bytes, result: Relayed) -> int:
+    """Most frames are content chunks, each `data: <json>\n\n` with no other line: the handler
+    would give back exactly those bytes, so the run of them an arrival starts with goes out unsplit
+    and unparsed, up to the first frame that may be notable."""
+    if result.text is not None:
+        return 0
+    end = len(arrived)
     for marker in _NOTABLE:
-        if marker in arrived:
-            return None
-    frames = arrived.count(b"\n\n")
+        at = arrived.find(marker, 0, end)
+        if at >= 0:
+            end = arrived.rfind(b"\n\n", 0, at) + 2  # back to the start of that frame (0: none before)
+    if end < 2 or not arrived.startswith(b"data: "):
+        return 0
+    frames = arrived.count(b"\n\n", 0, end)
     # Only separators hold newlines, and every frame starts with `data: `.
-    if arrived.count(b"\n") != 2 * frames or arrived.count(b"\n\ndata: ") != frames - 1:
-        return None
-    return arrived, frames
+    if arrived.count(b"\n", 0, end) != 2 * frames or arrived.count(b"\n\ndata: ", 0, end) != frames - 1:
+        return 0
+    result.chunks += frames
+    return end
 
 
 async def relay_sse(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed, *,
