@@ -76,6 +76,14 @@ async def _current_headers(svc: Services, ex: Exchange, principal: Principal) ->
         pass
 
 
+class _StreamOut(web.StreamResponse):
+    """A relayed stream's response. Its headers go out with its first bytes instead of in a write of
+    their own: the upstream's first chunk arrives with its own headers, so the caller waits no
+    longer, and a short stream is a single write (headers, frames and the end of the body)."""
+
+    _send_headers_immediately = False
+
+
 class HttpDelivery:
     """The core's Delivery over one aiohttp request: headers, stream framing, what the audit needs."""
 
@@ -112,7 +120,7 @@ class HttpDelivery:
     async def relay(self, answer: UpstreamAnswer, relayed: Relayed) -> None:
         ex = self._ex
         sse = self._caller.route.framing is Framing.OPENAI
-        out = web.StreamResponse(status=200, headers={
+        out = _StreamOut(status=200, headers={
             **ex.headers, "X-Request-Id": ex.request_id, "Cache-Control": "no-cache",
             "Content-Type": "text/event-stream" if sse else "application/x-ndjson"})
         self.response = ex.stream = out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from functools import cache
 
 import orjson
 from aiohttp import web
@@ -172,7 +173,7 @@ async def relay_sse(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed
             _collect_sse_text(kept, result.text)
         return b"data: " + kept + b"\n\n", False
 
-    await _relay(up, out, result, b"\n\n", handle, error_frame(_midstream_error(), sse=True), _plain_sse)
+    await _relay(up, out, result, b"\n\n", handle, _midstream_frame(sse=True), _plain_sse)
 
 
 def _usage_from_sse(payload: bytes, result: Relayed, caller_wants_usage: bool) -> bytes | None:
@@ -207,7 +208,7 @@ def _collect_sse_text(payload: bytes, sink: list[str]) -> None:
 
 
 async def relay_ndjson(up: UpstreamAnswer, out: web.StreamResponse, result: Relayed) -> None:
-    await _relay(up, out, result, b"\n", _native_line, error_frame(_midstream_error(), sse=False))
+    await _relay(up, out, result, b"\n", _native_line, _midstream_frame(sse=False))
 
 
 def _native_line(raw: bytes, result: Relayed) -> tuple[bytes | None, bool]:
@@ -284,6 +285,12 @@ def _collect_native_text(chunk: object, sink: list[str]) -> None:
     piece = message.get("content") if isinstance(message, dict) else chunk.get("response")
     if isinstance(piece, str):
         sink.append(piece)
+
+
+@cache
+def _midstream_frame(*, sse: bool) -> bytes:
+    """The same bytes for every stream: built once, not per request."""
+    return error_frame(_midstream_error(), sse=sse)
 
 
 def _midstream_error() -> UpstreamUnavailable:
