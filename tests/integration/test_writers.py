@@ -193,8 +193,8 @@ class TestAuditRows:
             await writer.stop()
         assert scalar(database_url, "SELECT count(DISTINCT id) FROM gateway.audit_log WHERE request_id = %s",
                       request_id) == 302
-        assert scalar(database_url, "SELECT count(*) FROM gateway.audit_log WHERE request_id = %s AND repaired"
-                      " AND model = %s", request_id, "caller\ufffdmodel") == 1
+        assert scalar(database_url, "SELECT count(*) FROM gateway.audit_log WHERE request_id = %s"
+                      " AND repaired AND model = %s", request_id, "caller\ufffdmodel") == 1
         assert scalar(database_url, "SELECT sum(tokens_in + tokens_out) FROM gateway.audit_log"
                       " WHERE request_id = %s", request_id) == 302 * 10
         assert writer.rejected == 0 and writer.repaired == 1

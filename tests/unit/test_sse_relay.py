@@ -104,7 +104,8 @@ def _cut(rng: random.Random, raw: bytes) -> list[bytes]:
     return pieces
 
 
-async def _run(pieces: list[bytes], broken: bool, fast: bool, wants_usage: bool) -> tuple[bytes, Relayed, int]:
+async def _run(pieces: list[bytes], broken: bool, fast: bool,
+               wants_usage: bool) -> tuple[bytes, Relayed, int]:
     caller = _Caller()
     result = Relayed()
     up = _Upstream(pieces, broken)
