@@ -79,7 +79,8 @@ async def _current_headers(svc: Services, ex: Exchange, principal: Principal) ->
 class _StreamOut(web.StreamResponse):
     """A relayed stream's response. Its headers go out with its first bytes instead of in a write of
     their own: the upstream's first chunk arrives with its own headers, so the caller waits no
-    longer, and a short stream is a single write (headers, frames and the end of the body)."""
+    longer, and a short stream is a single write (headers, frames and the end of the body).
+    The switch is aiohttp's own (web.Response sets it too); without it only a write is lost."""
 
     _send_headers_immediately = False
 

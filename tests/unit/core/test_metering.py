@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from gateway_core.admission import Settlement
 from gateway_core.budget import Budget
 from gateway_core.errors import BudgetExhausted, RateLimitExceeded
 from gateway_core.limits import Limits
@@ -76,3 +79,32 @@ class TestMetering:
         await metering.release(grant)
         assert await metering.admit(principal, 1, 1)
         assert ledger.entries == []
+
+
+class _SlowSettling(InMemoryAdmission):
+    """Redis answering settlements only when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.settled = 0
+
+    async def settle(self, settlement: Settlement) -> None:
+        await self.answer.wait()
+        self.settled += 1
+        await super().settle(settlement)
+
+
+async def test_drain_waits_for_every_settlement_that_nobody_awaited() -> None:
+    store, ledger, clock = _SlowSettling(), InMemoryLedger(), FrozenClock()
+    metering = Metering(store, ledger, clock, default_completion_reserve=512)
+    grants = [await metering.admit(_principal(), prompt_tokens=10, completion_tokens=20) for _ in range(3)]
+    for grant in grants:
+        metering.settle_soon(grant, 10, 5)
+    assert len(ledger.entries) == 3  # charged at once; the Redis half is still on its way
+    draining = asyncio.ensure_future(metering.drain())
+    await asyncio.sleep(0.01)
+    assert not draining.done() and store.settled == 0  # shutdown would not close Redis under them
+    store.answer.set()
+    await asyncio.wait_for(draining, 1)
+    assert store.settled == 3 and metering.in_flight == {}
